@@ -1,0 +1,356 @@
+"""The `nbdplug` command.
+
+One verb table (like qemu-img-cmds.hx) builds the argument parser.  Letters
+follow qemu-img: -f format, -O output format, -o options, -b/-F backing
+file and format, --output=human|json.  A user error prints one line on
+stderr and exits 2; nothing prints a traceback at a person.
+"""
+
+import argparse
+import json
+import os
+import re
+import sys
+
+from . import server
+from .errors import ImageError, UsageError
+from .opener import FORMATS, create_image, open_image
+from .policy import OpenPolicy
+
+PROG = "nbdplug"
+
+_SIZE = re.compile(r"^(\d+)([kKmMgGtTpPeE]?)(?:i?B)?$")
+_UNITS = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
+
+
+def parse_size(text):
+    """'10G' → bytes, binary units as qemu-img takes them."""
+    m = _SIZE.match(text.strip())
+    if not m:
+        raise UsageError(f"size {text!r} is not a number (e.g. 512, 64M, "
+                         "10G)")
+    return int(m.group(1)) << _UNITS[m.group(2).lower()]
+
+
+def parse_options(text):
+    """'-o a=1,b=2' → {'a': '1', 'b': '2'}."""
+    opts = {}
+    for item in filter(None, (text or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"option {item!r}: expected KEY=VALUE")
+        opts[key.strip()] = value.strip()
+    return opts
+
+
+def _policy(args):
+    return OpenPolicy(roots=getattr(args, "backing_root", None) or (),
+                      no_backing=getattr(args, "no_backing", False))
+
+
+def _add_policy(p):
+    p.add_argument("--backing-root", action="append", metavar="DIR",
+                   help="also allow backing/extent files under DIR")
+    p.add_argument("--no-backing", action="store_true",
+                   help="refuse every backing/extent file")
+
+
+def _add_format(p, letter="-f"):
+    p.add_argument(letter, dest="format", choices=sorted(FORMATS),
+                   metavar="FMT", help="image format (" +
+                   ", ".join(sorted(FORMATS)) + ")")
+
+
+# --- info -------------------------------------------------------------
+
+def image_info(disk):
+    """qemu-img info's JSON keys where they mean the same."""
+    info = {
+        "filename": disk.path,
+        "format": disk.format_name,
+        "virtual-size": disk.size,
+        "actual-size": sum(_allocated(p) for p in disk.files()),
+    }
+    cluster = getattr(disk, "cluster_size", None)
+    if cluster:
+        info["cluster-size"] = cluster
+    if getattr(disk, "dirty", None) is not None:
+        info["dirty-flag"] = disk.dirty
+    backing_name = getattr(disk, "backing_name", None)
+    if backing_name:
+        info["backing-filename"] = backing_name
+        if disk.backing is not None:
+            info["full-backing-filename"] = disk.backing.path
+            info["backing-filename-format"] = disk.backing.format_name
+    specific = disk.info()
+    if specific:
+        info["format-specific"] = {"type": disk.format_name,
+                                   "data": specific}
+    if disk.backing is not None:
+        info["backing-image"] = image_info(disk.backing)
+    return info
+
+
+def _allocated(path):
+    try:
+        return os.stat(path).st_blocks * 512
+    except OSError:
+        return 0
+
+
+def _human_size(n):
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:g} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1024
+
+
+def _print_info(info, indent=""):
+    print(f"{indent}image: {info['filename']}")
+    print(f"{indent}file format: {info['format']}")
+    print(f"{indent}virtual size: {_human_size(info['virtual-size'])} "
+          f"({info['virtual-size']} bytes)")
+    print(f"{indent}disk size: {_human_size(info['actual-size'])}")
+    if "cluster-size" in info:
+        print(f"{indent}cluster_size: {info['cluster-size']}")
+    if "backing-filename" in info:
+        print(f"{indent}backing file: {info['backing-filename']}")
+        if "backing-filename-format" in info:
+            print(f"{indent}backing file format: "
+                  f"{info['backing-filename-format']}")
+    if "format-specific" in info:
+        print(f"{indent}Format specific information:")
+        _print_tree(info["format-specific"]["data"], indent + "    ")
+    if "backing-image" in info:
+        print(f"{indent}backing image:")
+        _print_info(info["backing-image"], indent + "    ")
+
+
+def _print_tree(value, indent):
+    for key, v in value.items():
+        if isinstance(v, dict):
+            print(f"{indent}{key}:")
+            _print_tree(v, indent + "    ")
+        elif isinstance(v, list):
+            print(f"{indent}{key}:")
+            for i, item in enumerate(v):
+                if isinstance(item, dict):
+                    print(f"{indent}    [{i}]:")
+                    _print_tree(item, indent + "        ")
+                else:
+                    print(f"{indent}    [{i}]: {item}")
+        else:
+            print(f"{indent}{key}: {v}")
+
+
+def cmd_info(args):
+    with open_image(args.image, args.format, readonly=True,
+                    policy=_policy(args)) as disk:
+        info = image_info(disk)
+    if args.output == "json":
+        print(json.dumps(info, indent=4))
+    else:
+        _print_info(info)
+
+
+# --- map --------------------------------------------------------------
+
+def map_entries(disk):
+    """`qemu-img map --output=json` entries: adjacent runs merged where
+    every field agrees and host offsets continue."""
+    out = []
+    for run in disk.map(disk.size, 0):
+        entry = {"start": run.offset, "length": run.length,
+                 "depth": run.depth, "present": run.present,
+                 "zero": run.zero, "data": run.data}
+        if run.host is not None:
+            entry["offset"] = run.host[1]
+        if out and _continues(out[-1], entry):
+            out[-1]["length"] += entry["length"]
+        else:
+            out.append(entry)
+    return out
+
+
+def _continues(prev, entry):
+    for key in ("depth", "present", "zero", "data"):
+        if prev[key] != entry[key]:
+            return False
+    if ("offset" in prev) != ("offset" in entry):
+        return False
+    return "offset" not in prev or \
+        prev["offset"] + prev["length"] == entry["offset"]
+
+
+def cmd_map(args):
+    with open_image(args.image, args.format, readonly=True,
+                    policy=_policy(args)) as disk:
+        entries = map_entries(disk)
+        chain = [d.path for d in disk.chain()]
+    if args.output == "json":
+        print(json.dumps(entries))
+        return
+    print(f"{'Offset':<20}{'Length':<20}{'Depth':<7}{'Kind':<11}"
+          f"{'Mapped to':<20}File")
+    for e in entries:
+        kind = "data" if e["data"] else ("zero" if e["zero"] else "hole")
+        if not e["present"]:
+            kind = "unallocated"
+        mapped = f"{e['offset']:#x}" if "offset" in e else "-"
+        path = chain[e["depth"]] if e["depth"] < len(chain) else "-"
+        print(f"{e['start']:<#20x}{e['length']:<#20x}{e['depth']:<7}"
+              f"{kind:<11}{mapped:<20}{path if 'offset' in e else '-'}")
+
+
+# --- create -----------------------------------------------------------
+
+def cmd_create(args):
+    size = parse_size(args.size) if args.size is not None else None
+    create_image(args.image, args.format, size, parse_options(args.options),
+                 backing=args.backing, backing_fmt=args.backing_format,
+                 policy=_policy(args))
+    if not args.quiet:
+        print(f"Formatting '{args.image}', fmt={args.format}"
+              + (f" size={size}" if size is not None else ""))
+
+
+# --- serve / stop -----------------------------------------------------
+
+def cmd_serve(args):
+    if args.socket and args.listen:
+        raise UsageError("give --socket or --listen, not both")
+    readonly = args.readonly
+    host = port = sock = None
+    if args.listen:
+        host, port = server.parse_listen(args.listen)
+        if not server.is_loopback(host) and not args.insecure:
+            raise UsageError(f"refusing to listen on {host} without TLS; "
+                             "say --insecure to serve in clear text")
+    else:
+        sock = (os.path.abspath(args.socket) if args.socket
+                else server.new_socket_path(args.image))
+    # Open once here so a bad image is one clear line, not an nbdkit log.
+    with open_image(args.image, args.format, readonly=readonly,
+                    policy=_policy(args)) as disk:
+        fmt = disk.format_name
+    argv = ["nbdkit"] + server.listen_args(sock, host, port)
+    if readonly:
+        argv.append("-r")
+    uri = server.unix_uri(sock) if sock else server.tcp_uri(host, port)
+    plugin = server.plugin_args(args.image, fmt, readonly=readonly,
+                                direct=args.direct,
+                                backing_roots=args.backing_root or (),
+                                no_backing=args.no_backing)
+    pidfile = server.pidfile_for(sock, host, port)
+    if args.foreground:
+        return server.run_foreground(argv + ["-P", pidfile] + plugin,
+                                     pidfile, uri)
+    pid = server.start_background(argv + ["-P", pidfile] + plugin, pidfile)
+    print(uri)
+    print(f"pid {pid} (stop with: {PROG} stop {sock or pidfile})")
+
+
+def cmd_stop(args):
+    target = args.target
+    if target.startswith("nbd+unix:"):
+        target = target.split("socket=", 1)[-1]
+        from urllib.parse import unquote
+        target = unquote(target)
+    pidfile = target if target.endswith(".pid") else target + ".pid"
+    pid = server.stop(pidfile)
+    print(f"stopped server pid {pid}")
+
+
+# --- verb table ---------------------------------------------------------
+
+def _args_info(p):
+    _add_format(p)
+    p.add_argument("--output", choices=("human", "json"), default="human")
+    _add_policy(p)
+    p.add_argument("image")
+
+
+def _args_create(p):
+    _add_format(p)
+    p.add_argument("-o", dest="options", metavar="OPTS",
+                   help="format options KEY=VALUE[,...]")
+    p.add_argument("-b", dest="backing", metavar="BACKING")
+    p.add_argument("-F", dest="backing_format", choices=sorted(FORMATS),
+                   metavar="FMT")
+    p.add_argument("-q", dest="quiet", action="store_true")
+    _add_policy(p)
+    p.add_argument("image")
+    p.add_argument("size", nargs="?")
+
+
+def _args_serve(p):
+    _add_format(p)
+    p.add_argument("--socket", metavar="PATH")
+    p.add_argument("--listen", metavar="HOST:PORT")
+    p.add_argument("--readonly", "-r", action="store_true")
+    p.add_argument("--direct", action="store_true",
+                   help="O_DIRECT on the image file (raw)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow clear-text TCP beyond loopback")
+    p.add_argument("--foreground", action="store_true")
+    _add_policy(p)
+    p.add_argument("image")
+
+
+def _args_stop(p):
+    p.add_argument("target", help="socket path, nbd+unix URI or pidfile")
+
+
+VERBS = [
+    ("info", cmd_info, _args_info,
+     "info [-f FMT] [--output=human|json] IMAGE"),
+    ("map", cmd_map, _args_info,
+     "map [-f FMT] [--output=human|json] IMAGE"),
+    ("create", cmd_create, _args_create,
+     "create -f FMT [-o OPTS] [-b BACKING [-F FMT]] IMAGE [SIZE]"),
+    ("serve", cmd_serve, _args_serve,
+     "serve IMAGE [-f FMT] [--socket PATH | --listen HOST:PORT] "
+     "[--readonly] [--foreground]"),
+    ("stop", cmd_stop, _args_stop, "stop SOCKET|URI|PIDFILE"),
+]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def build_parser():
+    parser = _Parser(prog=PROG, description="VM disk images as block "
+                     "devices, through one driver code path.")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB",
+                                parser_class=_Parser)
+    for name, handler, add_args, synopsis in VERBS:
+        p = sub.add_parser(name, usage=f"{PROG} {synopsis}",
+                           help=synopsis.split(" ", 1)[-1])
+        add_args(p)
+        p.set_defaults(handler=handler)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if not getattr(args, "handler", None):
+            parser.print_help()
+            return 2
+        return args.handler(args) or 0
+    except (UsageError, ImageError) as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"{PROG}: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Binary structures declared once, with the specification's field names.
+
+    HEADER = Layout(">", "qcow2 header", "magic:I version:I size:Q")
+    hdr = HEADER.unpack_from(buf)       # hdr.version
+    HEADER.offset("size")               # 8
+    HEADER.pack(magic=..., version=3, size=1 << 30)
+
+The byte order is stated once per structure ("<" or ">").  Field types are
+struct format codes; a count prefix ("16s") declares a byte string.
+"""
+
+import collections
+import struct
+
+
+class Layout:
+    def __init__(self, byteorder, name, fields):
+        self.name = name
+        names, codes = [], []
+        for item in fields.split():
+            field, code = item.split(":")
+            names.append(field)
+            codes.append(code)
+        self.struct = struct.Struct(byteorder + "".join(codes))
+        self.size = self.struct.size
+        self.fields = tuple(names)
+        self.tuple = collections.namedtuple(name.replace(" ", "_"), names)
+        self._offsets = {}
+        pos = 0
+        for field, code in zip(names, codes):
+            self._offsets[field] = pos
+            pos += struct.calcsize(byteorder + code)
+
+    def offset(self, field):
+        """Byte offset of `field` from the start of the structure."""
+        return self._offsets[field]
+
+    def unpack_from(self, buf, offset=0):
+        return self.tuple._make(self.struct.unpack_from(buf, offset))
+
+    def pack(self, *args, **kwargs):
+        return self.struct.pack(*self.tuple(*args, **kwargs))
+
+    def pack_into(self, buf, offset, value):
+        self.struct.pack_into(buf, offset, *value)

@@ -1,0 +1,137 @@
+"""Opening an image: pick the driver, then open its backing chain.
+
+FORMATS is the one table of drivers; the CLI's -f choices come from it.
+A format is probed only when the caller gives none, and probing never
+chooses raw for a writable image: a guest that writes a qcow2 header into
+its raw disk must not turn it into a qcow2 with a backing file of its
+choosing.  Backing files are opened read-only, through the same policy.
+"""
+
+import os
+import stat
+
+from . import policy as _policy
+from .errors import ImageError, PolicyError, UsageError
+from .hostfile import HostFile
+from .raw import RawDisk
+
+FORMATS = {
+    "raw": RawDisk,
+}
+
+# A chain deeper than this is refused (and loops are caught earlier).
+MAX_CHAIN_DEPTH = 64
+
+
+class OpenContext:
+    """What one chain's drivers share while opening: the policy, O_DIRECT,
+    format-specific options, and the files already in the chain."""
+
+    def __init__(self, policy, direct=False, options=None, chain=()):
+        self.policy = policy
+        self.direct = direct
+        self.options = dict(options or {})
+        self.chain = tuple(chain)
+
+    def open_backing(self, referrer, referrer_fmt, name, fmt, field):
+        """Open the file `name` that `referrer` (of format `referrer_fmt`)
+        refers to in its `field`, read-only.
+
+        `fmt` is the format the referrer records, or None to probe (safe
+        here: a backing file is never opened for writing).
+        """
+        path = self.policy.resolve(referrer, name, referrer_fmt, field)
+        if path in self.chain or len(self.chain) >= MAX_CHAIN_DEPTH:
+            raise PolicyError(referrer, referrer_fmt,
+                              f"{name!r} makes the backing chain loop or "
+                              f"exceed {MAX_CHAIN_DEPTH} levels", field)
+        if fmt is not None and fmt not in FORMATS:
+            raise ImageError(referrer, referrer_fmt,
+                             f"backing format {fmt!r} is not supported",
+                             field)
+        child = OpenContext(self.policy, self.direct, None,
+                            self.chain + (path,))
+        return _open(path, fmt, True, child)
+
+
+def open_image(path, format=None, readonly=True, policy=None, direct=False,
+               options=None):
+    """Open the image at `path` and its backing chain as a Disk."""
+    if format is not None and format not in FORMATS:
+        raise UsageError(f"unknown format {format!r} (known: "
+                         + ", ".join(sorted(FORMATS)) + ")")
+    policy = (policy or _policy.DEFAULT).for_image(path)
+    ctx = OpenContext(policy, direct, options,
+                      (os.path.realpath(path),))
+    return _open(path, format, readonly, ctx)
+
+
+def _open(path, fmt, readonly, ctx):
+    check_openable(path)
+    if fmt is None:
+        fmt = probe(path)
+        if fmt is None:
+            if not readonly:
+                raise ImageError(path, None,
+                                 "format not recognised; say -f raw to "
+                                 "open it writable as raw")
+            fmt = "raw"
+    try:
+        return FORMATS[fmt].open(path, readonly, ctx)
+    except OSError as e:
+        raise ImageError(path, fmt, e.strerror or str(e)) from None
+
+
+def check_openable(path):
+    """Refuse what is not a regular file or block device, in one line."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise ImageError(path, None, e.strerror) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageError(path, None, "is a directory, not an image")
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise ImageError(path, None, "is not a regular file or block device")
+
+
+def probe(path):
+    """Name of the non-raw format whose signature `path` carries, or None."""
+    try:
+        file = HostFile(path, readonly=True)
+    except OSError as e:
+        raise ImageError(path, None, e.strerror) from None
+    try:
+        for name, driver in FORMATS.items():
+            if driver.probe(file):
+                return name
+        return None
+    finally:
+        file.close()
+
+
+def create_image(path, fmt, size, options=None, backing=None,
+                 backing_fmt=None, policy=None):
+    """Create a new image; `size` may be None when a backing file gives it."""
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown format {fmt!r} (known: "
+                         + ", ".join(sorted(FORMATS)) + ")")
+    if os.path.lexists(path):
+        raise UsageError(f"{path}: already exists")
+    driver = FORMATS[fmt]
+    backing_disk = None
+    try:
+        if backing is not None:
+            ctx = OpenContext((policy or _policy.DEFAULT).for_image(path),
+                              chain=(os.path.realpath(path),))
+            backing_disk = ctx.open_backing(path, fmt, backing, backing_fmt,
+                                            "backing file")
+            if size is None:
+                size = backing_disk.size
+        if size is None:
+            raise UsageError("a size is needed (or a backing file)")
+        driver.create(path, size, dict(options or {}), backing=backing,
+                      backing_fmt=backing_fmt or (
+                          backing_disk.format_name if backing_disk else None))
+    finally:
+        if backing_disk is not None:
+            backing_disk.close()

@@ -1,0 +1,149 @@
+"""The raw driver called directly: bytes, holes, trim, zero, O_DIRECT."""
+
+import os
+
+import pytest
+
+from nbdplug import (HOLE, ZERO, ImageError, ReadOnlyDisk, RequestError,
+                     open_image)
+
+MiB = 1 << 20
+
+
+def pattern(length, seed):
+    """Bytes that say where they came from (offset-dependent)."""
+    return bytes((seed + i // 512) % 251 + 1 for i in range(length))
+
+
+@pytest.fixture
+def sparse(tmp_path):
+    path = tmp_path / "disk.raw"
+    with open(path, "wb") as f:
+        f.truncate(16 * MiB)
+        f.seek(4 * MiB)
+        f.write(pattern(MiB, 7))
+    return str(path)
+
+
+def seek_runs(path):
+    """(offset, length, is_data) from SEEK_DATA/SEEK_HOLE, independently."""
+    runs = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        pos = 0
+        while pos < size:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                data = size
+            if data > pos:
+                runs.append((pos, data - pos, False))
+                pos = data
+                continue
+            hole = os.lseek(fd, pos, os.SEEK_HOLE)
+            runs.append((pos, hole - pos, True))
+            pos = hole
+    finally:
+        os.close(fd)
+    return runs
+
+
+def test_pread_fills_caller_buffer(sparse):
+    with open_image(sparse, "raw") as disk:
+        assert disk.size == 16 * MiB
+        buf = bytearray(MiB + 1024)
+        disk.pread(memoryview(buf), 4 * MiB - 512)
+        assert bytes(buf[:512]) == bytes(512)
+        assert bytes(buf[512:512 + MiB]) == pattern(MiB, 7)
+        assert bytes(buf[512 + MiB:]) == bytes(512)
+
+
+def test_pwrite_lands_in_file(sparse):
+    data = pattern(12345, 3)
+    with open_image(sparse, "raw", readonly=False) as disk:
+        disk.pwrite(data, 999, fua=True)
+    with open(sparse, "rb") as f:
+        f.seek(999)
+        assert f.read(12345) == data
+
+
+def test_extents_match_seek_hole(sparse):
+    with open_image(sparse, "raw") as disk:
+        ext = disk.extents(disk.size, 0)
+    expect = [(o, n, 0 if d else HOLE | ZERO) for o, n, d in
+              seek_runs(sparse)]
+    assert [tuple(e) for e in ext] == expect
+    assert any(flags == 0 for _, _, flags in expect)
+
+
+def test_trim_punches_hole(sparse):
+    before = os.stat(sparse).st_blocks
+    with open_image(sparse, "raw", readonly=False) as disk:
+        disk.trim(MiB, 4 * MiB)
+        buf = bytearray(MiB)
+        disk.pread(memoryview(buf), 4 * MiB)
+    assert bytes(buf) == bytes(MiB)
+    assert os.stat(sparse).st_blocks < before
+
+
+@pytest.mark.parametrize("may_trim", [False, True])
+def test_zero_reads_back_zero(sparse, may_trim):
+    with open_image(sparse, "raw", readonly=False) as disk:
+        disk.zero(4096 * 3, 4 * MiB + 100, may_trim=may_trim)
+    with open(sparse, "rb") as f:
+        f.seek(4 * MiB)
+        got = f.read(MiB)
+    expect = bytearray(pattern(MiB, 7))
+    expect[100:100 + 4096 * 3] = bytes(4096 * 3)
+    assert got == bytes(expect)
+
+
+def test_host_mapping_is_identity(sparse):
+    with open_image(sparse, "raw") as disk:
+        ranges = disk.host_mapping(disk.size, 0)
+    assert sum(r.length for r in ranges) == 16 * MiB
+    for r in ranges:
+        assert r.path == sparse and r.host_offset == r.offset
+
+
+def test_readonly_refuses_writes(sparse):
+    with open(sparse, "rb") as f:
+        before = f.read()
+    with open_image(sparse, "raw", readonly=True) as disk:
+        for call in (lambda: disk.pwrite(b"x" * 512, 0),
+                     lambda: disk.trim(4096, 0),
+                     lambda: disk.zero(4096, 4 * MiB)):
+            with pytest.raises(ReadOnlyDisk, match="read-only"):
+                call()
+    with open(sparse, "rb") as f:
+        assert f.read() == before
+
+
+def test_write_past_end_refused(sparse):
+    with open_image(sparse, "raw", readonly=False) as disk:
+        with pytest.raises(RequestError, match="beyond the end"):
+            disk.pwrite(b"x" * 4096, 16 * MiB - 100)
+    assert os.path.getsize(sparse) == 16 * MiB
+
+
+def test_direct_io_unaligned(sparse):
+    data = pattern(5000, 9)
+    with open_image(sparse, "raw", readonly=False, direct=True) as disk:
+        assert disk.min_block == 4096
+        disk.pwrite(data, 4 * MiB + 333)
+        buf = bytearray(6000)
+        disk.pread(memoryview(buf), 4 * MiB + 300)
+    expect = bytearray(pattern(MiB, 7)[300:6300])
+    expect[33:33 + 5000] = data
+    assert bytes(buf) == bytes(expect)
+    with open(sparse, "rb") as f:
+        f.seek(4 * MiB + 300)
+        assert f.read(6000) == bytes(expect)
+
+
+def test_writable_open_never_probes_raw(sparse):
+    with pytest.raises(ImageError, match="format not recognised"):
+        open_image(sparse, None, readonly=False)
+    with open_image(sparse, None, readonly=True) as disk:
+        assert disk.format_name == "raw"

@@ -13,8 +13,9 @@ import re
 import sys
 
 from . import server
-from .errors import ImageError, UsageError
-from .opener import FORMATS, create_image, open_image
+from .check import EXIT_UNSUPPORTED
+from .errors import ImageError, UnsupportedFeature, UsageError
+from .opener import FORMATS, check_image, create_image, open_image
 from .policy import OpenPolicy
 
 PROG = "nbdplug"
@@ -214,6 +215,22 @@ def cmd_create(args):
               + (f" size={size}" if size is not None else ""))
 
 
+# --- check ------------------------------------------------------------
+
+def cmd_check(args):
+    try:
+        report = check_image(args.image, args.format, repair=args.repair,
+                             policy=_policy(args))
+    except UnsupportedFeature as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return EXIT_UNSUPPORTED
+    if args.output == "json":
+        print(json.dumps(report.to_json(), indent=4))
+    else:
+        print(report.human())
+    return report.exit_code()
+
+
 # --- serve / stop -----------------------------------------------------
 
 def cmd_serve(args):
@@ -283,6 +300,15 @@ def _args_create(p):
     p.add_argument("size", nargs="?")
 
 
+def _args_check(p):
+    _add_format(p)
+    p.add_argument("-r", dest="repair", choices=("leaks", "all"),
+                   help="repair leaks, or leaks and corruptions")
+    p.add_argument("--output", choices=("human", "json"), default="human")
+    _add_policy(p)
+    p.add_argument("image")
+
+
 def _args_serve(p):
     _add_format(p)
     p.add_argument("--socket", metavar="PATH")
@@ -308,6 +334,8 @@ VERBS = [
      "map [-f FMT] [--output=human|json] IMAGE"),
     ("create", cmd_create, _args_create,
      "create -f FMT [-o OPTS] [-b BACKING [-F FMT]] IMAGE [SIZE]"),
+    ("check", cmd_check, _args_check,
+     "check [-f FMT] [-r leaks|all] [--output=human|json] IMAGE"),
     ("serve", cmd_serve, _args_serve,
      "serve IMAGE [-f FMT] [--socket PATH | --listen HOST:PORT] "
      "[--readonly] [--foreground]"),

@@ -11,7 +11,7 @@ import os
 import stat
 
 from . import policy as _policy
-from .errors import ImageError, PolicyError, UsageError
+from .errors import ImageError, PolicyError, UnsupportedFeature, UsageError
 from .hostfile import HostFile
 from .raw import RawDisk
 
@@ -25,13 +25,21 @@ MAX_CHAIN_DEPTH = 64
 
 class OpenContext:
     """What one chain's drivers share while opening: the policy, O_DIRECT,
-    format-specific options, and the files already in the chain."""
+    format-specific options, the files already in the chain, and the one
+    way drivers open host files (tests put a recording layer there)."""
 
-    def __init__(self, policy, direct=False, options=None, chain=()):
+    def __init__(self, policy, direct=False, options=None, chain=(),
+                 file_factory=HostFile):
         self.policy = policy
         self.direct = direct
         self.options = dict(options or {})
         self.chain = tuple(chain)
+        self.file_factory = file_factory
+
+    def open_file(self, path, readonly):
+        """Open a host file for a driver (honouring O_DIRECT)."""
+        return self.file_factory(path, readonly=readonly,
+                                 direct=self.direct)
 
     def open_backing(self, referrer, referrer_fmt, name, fmt, field):
         """Open the file `name` that `referrer` (of format `referrer_fmt`)
@@ -50,20 +58,46 @@ class OpenContext:
                              f"backing format {fmt!r} is not supported",
                              field)
         child = OpenContext(self.policy, self.direct, None,
-                            self.chain + (path,))
+                            self.chain + (path,), self.file_factory)
         return _open(path, fmt, True, child)
 
 
 def open_image(path, format=None, readonly=True, policy=None, direct=False,
-               options=None):
-    """Open the image at `path` and its backing chain as a Disk."""
-    if format is not None and format not in FORMATS:
-        raise UsageError(f"unknown format {format!r} (known: "
+               options=None, file_factory=HostFile):
+    """Open the image at `path` and its backing chain as a Disk.
+
+    `options` are format-specific (e.g. a qcow2 snapshot to open);
+    `file_factory` replaces HostFile (the crash-state tests record I/O).
+    """
+    _known(format)
+    return _open(path, format, readonly,
+                 _context(path, policy, direct, options, file_factory))
+
+
+def _known(fmt):
+    if fmt is not None and fmt not in FORMATS:
+        raise UsageError(f"unknown format {fmt!r} (known: "
                          + ", ".join(sorted(FORMATS)) + ")")
-    policy = (policy or _policy.DEFAULT).for_image(path)
-    ctx = OpenContext(policy, direct, options,
-                      (os.path.realpath(path),))
-    return _open(path, format, readonly, ctx)
+
+
+def _context(path, policy, direct=False, options=None,
+             file_factory=HostFile):
+    return OpenContext((policy or _policy.DEFAULT).for_image(path), direct,
+                       options, (os.path.realpath(path),), file_factory)
+
+
+def check_image(path, format=None, repair=None, policy=None):
+    """Check (and with repair='leaks'|'all', repair) one image's own
+    metadata; returns a check.CheckReport.  Raises UnsupportedFeature for
+    formats without a check."""
+    _known(format)
+    check_openable(path)
+    fmt = format or probe(path) or "raw"
+    driver = FORMATS[fmt]
+    if not hasattr(driver, "check"):
+        raise UnsupportedFeature(path, fmt,
+                                 "this image format does not support checks")
+    return driver.check(path, _context(path, policy), repair)
 
 
 def _open(path, fmt, readonly, ctx):
@@ -112,17 +146,16 @@ def probe(path):
 def create_image(path, fmt, size, options=None, backing=None,
                  backing_fmt=None, policy=None):
     """Create a new image; `size` may be None when a backing file gives it."""
-    if fmt not in FORMATS:
-        raise UsageError(f"unknown format {fmt!r} (known: "
-                         + ", ".join(sorted(FORMATS)) + ")")
+    _known(fmt)
+    if fmt is None:
+        raise UsageError("the format of a new image is needed (-f)")
     if os.path.lexists(path):
         raise UsageError(f"{path}: already exists")
     driver = FORMATS[fmt]
     backing_disk = None
     try:
         if backing is not None:
-            ctx = OpenContext((policy or _policy.DEFAULT).for_image(path),
-                              chain=(os.path.realpath(path),))
+            ctx = _context(path, policy)
             backing_disk = ctx.open_backing(path, fmt, backing, backing_fmt,
                                             "backing file")
             if size is None:

@@ -9,7 +9,7 @@ import errno
 
 from .disk import Disk, Run
 from .errors import RequestError, UsageError
-from .hostfile import DIRECT_ALIGN, HostFile
+from .hostfile import DIRECT_ALIGN
 
 _UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV)
 
@@ -29,8 +29,7 @@ class RawDisk(Disk):
 
     @classmethod
     def open(cls, path, readonly, ctx):
-        return cls(HostFile(path, readonly=readonly, direct=ctx.direct),
-                   readonly)
+        return cls(ctx.open_file(path, readonly), readonly)
 
     @classmethod
     def probe(cls, file):

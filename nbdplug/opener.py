@@ -7,6 +7,7 @@ its raw disk must not turn it into a qcow2 with a backing file of its
 choosing.  Backing files are opened read-only, through the same policy.
 """
 
+import importlib
 import os
 import stat
 
@@ -18,6 +19,23 @@ from .raw import RawDisk
 FORMATS = {
     "raw": RawDisk,
 }
+
+# Drivers still being written register here as their modules land; a
+# module not yet present is simply not offered.
+for _name, _module, _cls in (
+        ("qcow2", "qcow2", "Qcow2Disk"),
+        ("qcow", "qcow", "QcowDisk"),
+        ("vmdk", "vmdk", "VmdkDisk"),
+        ("vpc", "vhd", "VhdDisk"),
+        ("vhdx", "vhdx", "VhdxDisk"),
+        ("ram", "ram", "RamDisk")):
+    try:
+        _mod = importlib.import_module(f"{__package__}.{_module}")
+    except ModuleNotFoundError as _e:
+        if _e.name != f"{__package__}.{_module}":
+            raise
+        continue
+    FORMATS[_name] = getattr(_mod, _cls)
 
 # A chain deeper than this is refused (and loops are caught earlier).
 MAX_CHAIN_DEPTH = 64

@@ -12,6 +12,7 @@ import os
 import stat
 
 from . import policy as _policy
+from .locking import ImageLock
 from .errors import ImageError, PolicyError, UnsupportedFeature, UsageError
 from .hostfile import HostFile
 from .raw import RawDisk
@@ -47,12 +48,13 @@ class OpenContext:
     way drivers open host files (tests put a recording layer there)."""
 
     def __init__(self, policy, direct=False, options=None, chain=(),
-                 file_factory=HostFile):
+                 file_factory=HostFile, share=False):
         self.policy = policy
         self.direct = direct
         self.options = dict(options or {})
         self.chain = tuple(chain)
         self.file_factory = file_factory
+        self.share = share      # qemu's --force-share, for the whole chain
 
     def open_file(self, path, readonly):
         """Open a host file for a driver (honouring O_DIRECT)."""
@@ -76,20 +78,23 @@ class OpenContext:
                              f"backing format {fmt!r} is not supported",
                              field)
         child = OpenContext(self.policy, self.direct, None,
-                            self.chain + (path,), self.file_factory)
+                            self.chain + (path,), self.file_factory,
+                            self.share)
         return _open(path, fmt, True, child)
 
 
 def open_image(path, format=None, readonly=True, policy=None, direct=False,
-               options=None, file_factory=HostFile):
+               options=None, file_factory=HostFile, share=False):
     """Open the image at `path` and its backing chain as a Disk.
 
     `options` are format-specific (e.g. a qcow2 snapshot to open);
-    `file_factory` replaces HostFile (the crash-state tests record I/O).
+    `file_factory` replaces HostFile (the crash-state tests record I/O);
+    `share` reads an image others may be writing (qemu's --force-share).
     """
     _known(format)
-    return _open(path, format, readonly,
-                 _context(path, policy, direct, options, file_factory))
+    ctx = _context(path, policy, direct, options, file_factory)
+    ctx.share = share
+    return _open(path, format, readonly, ctx)
 
 
 def _known(fmt):
@@ -128,10 +133,30 @@ def _open(path, fmt, readonly, ctx):
                                  "format not recognised; say -f raw to "
                                  "open it writable as raw")
             fmt = "raw"
+    lock = None
     try:
-        return FORMATS[fmt].open(path, readonly, ctx)
-    except OSError as e:
-        raise ImageError(path, fmt, e.strerror or str(e)) from None
+        # Locked before the driver reads a byte, as qemu does (locking.py).
+        lock = ImageLock(path, readonly, ctx.share)
+        disk = FORMATS[fmt].open(path, readonly, ctx)
+    except BaseException as e:
+        if lock is not None:
+            lock.release()
+        if isinstance(e, OSError):
+            raise ImageError(path, fmt, e.strerror or str(e)) from None
+        raise
+    _unlock_on_close(disk, lock)
+    return disk
+
+
+def _unlock_on_close(disk, lock):
+    close = disk.close
+
+    def close_and_unlock():
+        try:
+            close()
+        finally:
+            lock.release()
+    disk.close = close_and_unlock
 
 
 def check_openable(path):

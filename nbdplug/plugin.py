@@ -2,6 +2,7 @@
 
     nbdkit python /path/to/nbdplug/plugin.py file=IMAGE [format=qcow2]
         [readonly=true] [direct=true] [backing-root=DIR]... [no-backing=true]
+        [force-share=true]
 
 Every callback delegates to one shared Disk, opened once in get_ready, so
 all connections see one cache and one allocator (hence multi-conn is
@@ -26,7 +27,8 @@ from nbdplug.policy import OpenPolicy  # noqa: E402
 API_VERSION = 2
 
 _config = {"file": None, "format": None, "readonly": False,
-           "direct": False, "no-backing": False, "backing-root": []}
+           "direct": False, "no-backing": False, "backing-root": [],
+           "force-share": False}
 _disk = None
 
 
@@ -42,7 +44,7 @@ def _bool(key, value):
 def config(key, value):
     if key in ("file", "format"):
         _config[key] = value
-    elif key in ("readonly", "direct", "no-backing"):
+    elif key in ("readonly", "direct", "no-backing", "force-share"):
         _config[key] = _bool(key, value)
     elif key == "backing-root":
         _config[key].append(value)
@@ -70,7 +72,7 @@ def get_ready():
                         no_backing=_config["no-backing"])
     _disk = open_image(_config["file"], _config["format"],
                        readonly=_config["readonly"], policy=policy,
-                       direct=_config["direct"])
+                       direct=_config["direct"], share=_config["force-share"])
 
 
 def cleanup():

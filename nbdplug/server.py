@@ -21,7 +21,7 @@ RUN_DIR = os.environ.get("NBDPLUG_RUN_DIR", "/run/nbdplug")
 
 
 def plugin_args(image, fmt=None, readonly=False, direct=False,
-                backing_roots=(), no_backing=False):
+                backing_roots=(), no_backing=False, share=False):
     """The `python PLUGIN key=value...` part of an nbdkit command line."""
     args = ["python", PLUGIN, f"file={os.path.abspath(image)}"]
     if fmt:
@@ -32,6 +32,8 @@ def plugin_args(image, fmt=None, readonly=False, direct=False,
         args.append("direct=true")
     if no_backing:
         args.append("no-backing=true")
+    if share:
+        args.append("force-share=true")
     args += [f"backing-root={os.path.abspath(r)}" for r in backing_roots]
     return args
 

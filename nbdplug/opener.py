@@ -22,7 +22,7 @@ FORMATS = {
 }
 
 # Drivers still being written register here as their modules land; a
-# module not yet present is simply not offered.
+# module not yet present (or not yet defining its class) is not offered.
 for _name, _module, _cls in (
         ("qcow2", "qcow2", "Qcow2Disk"),
         ("qcow", "qcow", "QcowDisk"),
@@ -36,7 +36,8 @@ for _name, _module, _cls in (
         if _e.name != f"{__package__}.{_module}":
             raise
         continue
-    FORMATS[_name] = getattr(_mod, _cls)
+    if hasattr(_mod, _cls):
+        FORMATS[_name] = getattr(_mod, _cls)
 
 # A chain deeper than this is refused (and loops are caught earlier).
 MAX_CHAIN_DEPTH = 64

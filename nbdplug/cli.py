@@ -83,6 +83,9 @@ def image_info(disk):
         if disk.backing is not None:
             info["full-backing-filename"] = disk.backing.path
             info["backing-filename-format"] = disk.backing.format_name
+    snapshots = getattr(disk, "snapshots", None)
+    if snapshots:
+        info["snapshots"] = [s.info() for s in snapshots]
     specific = disk.info()
     if specific:
         info["format-specific"] = {"type": disk.format_name,

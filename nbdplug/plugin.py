@@ -28,7 +28,7 @@ API_VERSION = 2
 
 _config = {"file": None, "format": None, "readonly": False,
            "direct": False, "no-backing": False, "backing-root": [],
-           "force-share": False}
+           "force-share": False, "snapshot": None}
 _disk = None
 
 
@@ -42,7 +42,7 @@ def _bool(key, value):
 
 
 def config(key, value):
-    if key in ("file", "format"):
+    if key in ("file", "format", "snapshot"):
         _config[key] = value
     elif key in ("readonly", "direct", "no-backing", "force-share"):
         _config[key] = _bool(key, value)
@@ -72,7 +72,9 @@ def get_ready():
                         no_backing=_config["no-backing"])
     _disk = open_image(_config["file"], _config["format"],
                        readonly=_config["readonly"], policy=policy,
-                       direct=_config["direct"], share=_config["force-share"])
+                       direct=_config["direct"], share=_config["force-share"],
+                       options={"snapshot": _config["snapshot"]}
+                       if _config["snapshot"] is not None else None)
 
 
 def cleanup():

@@ -1,0 +1,260 @@
+"""qcow2 reference counts: reading, updating, allocating clusters, and
+growing the refcount structures.
+
+The caller holds the disk's metadata lock around every call.  Updates are
+written through to the file at once; callers flush before anything
+references a newly counted cluster (data before metadata, refcount before
+reference).
+"""
+
+import array
+import collections
+import struct
+import sys
+
+from ..errors import CorruptImage, UnsupportedFeature
+from . import structs as S
+
+FMT = "qcow2"
+BLOCK_CACHE = 64                # refcount blocks kept in memory
+
+
+def load_table(file, offset, entries):
+    """A big-endian array of u64 entries from the file, as native ints."""
+    table = array.array("Q", bytes(file.read(entries * 8, offset)))
+    if sys.byteorder == "little":
+        table.byteswap()
+    return table
+
+
+def table_bytes(table):
+    out = array.array("Q", table)
+    if sys.byteorder == "little":
+        out.byteswap()
+    return out.tobytes()
+
+
+class Refcounts:
+    def __init__(self, file, geo, path):
+        self.file = file
+        self.path = path
+        self.cluster_bits = geo.cluster_bits
+        self.cluster_size = geo.cluster_size
+        self.bits = geo.refcount_bits
+        self.max = (1 << self.bits) - 1
+        self.per_block = geo.refcount_block_entries
+        self.table_offset = geo.refcount_table_offset
+        self.table = load_table(file, self.table_offset,
+                                geo.refcount_table_clusters *
+                                self.cluster_size // 8)
+        self.blocks = collections.OrderedDict()     # offset -> bytearray
+        self.end = -(-file.size() // self.cluster_size)
+        self.free_hint = 0
+
+    # --- reading ---------------------------------------------------------
+
+    def _block_offset(self, index):
+        """Host offset of refcount block `index`, 0 if not allocated."""
+        if index >= len(self.table):
+            return 0
+        entry = self.table[index]
+        if entry & S.REFT_RESERVED:
+            raise CorruptImage(self.path, FMT, f"refcount table entry "
+                               f"{index} has reserved bits set",
+                               "refcount table")
+        offset = entry & S.REFT_OFFSET_MASK
+        if offset % self.cluster_size:
+            raise CorruptImage(self.path, FMT, f"refcount block {index} is "
+                               "not cluster aligned", "refcount table")
+        return offset
+
+    def _block(self, offset):
+        block = self.blocks.get(offset)
+        if block is not None:
+            self.blocks.move_to_end(offset)
+            return block
+        if offset + self.cluster_size > self.file.size():
+            raise CorruptImage(self.path, FMT, f"refcount block at "
+                               f"{offset:#x} lies past the end of the file",
+                               "refcount table")
+        block = self.file.read(self.cluster_size, offset)
+        self.blocks[offset] = block
+        if len(self.blocks) > BLOCK_CACHE:
+            self.blocks.popitem(last=False)
+        return block
+
+    def get(self, cluster):
+        offset = self._block_offset(cluster // self.per_block)
+        if not offset:
+            return 0
+        return self._read_entry(self._block(offset),
+                                cluster % self.per_block)
+
+    def _read_entry(self, block, i):
+        bits = self.bits
+        if bits >= 8:
+            width = bits // 8
+            return int.from_bytes(block[i * width:(i + 1) * width], "big")
+        pos = i * bits
+        return (block[pos // 8] >> (pos % 8)) & self.max
+
+    # --- updating --------------------------------------------------------
+
+    def set(self, cluster, value):
+        """Write one refcount through to the file."""
+        if not 0 <= value <= self.max:
+            raise UnsupportedFeature(self.path, FMT, f"refcount {value} of "
+                                     f"cluster {cluster} exceeds "
+                                     f"{self.bits}-bit refcounts",
+                                     "refcount_order")
+        index = cluster // self.per_block
+        offset = self._block_offset(index)
+        if not offset:
+            offset = self._new_block(index)
+        block = self._block(offset)
+        i = cluster % self.per_block
+        bits = self.bits
+        if bits >= 8:
+            width = bits // 8
+            pos = i * width
+            block[pos:pos + width] = value.to_bytes(width, "big")
+        else:
+            pos = (i * bits) // 8
+            shift = (i * bits) % 8
+            block[pos] = (block[pos] & ~(self.max << shift) & 0xFF) | \
+                (value << shift)
+            width = 1
+        self.file.pwrite(block[pos:pos + width], offset + pos)
+
+    def add(self, cluster, delta):
+        self.set(cluster, self.get(cluster) + delta)
+        if delta < 0 and cluster < self.free_hint and not self.get(cluster):
+            self.free_hint = cluster
+
+    def _new_block(self, index, table=None):
+        """Allocate refcount block `index`, placed inside the range it
+        describes so that it counts itself.  Its content is durable before
+        the table entry points at it."""
+        table = self.table if table is None else table
+        first = index * self.per_block
+        where = max(self.end, first)
+        if where >= first + self.per_block:
+            raise CorruptImage(self.path, FMT, f"no room for refcount "
+                               f"block {index}", "refcount table")
+        if index >= len(table):
+            self._grow_table(index + 1)
+            table = self.table
+        offset = where << self.cluster_bits
+        block = bytearray(self.cluster_size)
+        self.blocks[offset] = block
+        # The block's own refcount lives in itself.
+        i = where - first
+        if self.bits >= 8:
+            width = self.bits // 8
+            block[i * width:(i + 1) * width] = (1).to_bytes(width, "big")
+        else:
+            block[(i * self.bits) // 8] |= 1 << ((i * self.bits) % 8)
+        self.file.pwrite(block, offset)
+        self.end = max(self.end, where + 1)
+        self.file.flush()
+        table[index] = offset
+        if table is self.table:
+            self.file.pwrite(struct.pack(">Q", offset),
+                             self.table_offset + index * 8)
+        return offset
+
+    def _grow_table(self, min_entries):
+        """Move the refcount table to a bigger place at the end of the
+        file: new blocks and the new table first, durable; then the header
+        points at it; then the old table's clusters are freed."""
+        per_cluster = self.cluster_size // 8
+        entries = max(min_entries, 2 * len(self.table))
+        entries = -(-entries // per_cluster) * per_cluster
+        if entries * 8 > S.MAX_REFTABLE_BYTES:
+            raise UnsupportedFeature(self.path, FMT, "refcount table would "
+                                     "exceed its size limit",
+                                     "refcount_table_clusters")
+        table = array.array("Q", self.table)
+        table.extend([0] * (entries - len(table)))
+        clusters = entries // per_cluster
+        while True:
+            start = self.end
+            missing = [i for i in range(start // self.per_block,
+                                        (start + clusters - 1)
+                                        // self.per_block + 1)
+                       if not table[i]]
+            if not missing:
+                break
+            self._new_block(missing[0], table)
+        old_offset, old_clusters = self.table_offset, \
+            len(self.table) // per_cluster
+        self.end = start + clusters
+        for c in range(start, start + clusters):
+            self._set_in(table, c, 1)
+        self.file.pwrite(table_bytes(table), start << self.cluster_bits)
+        self.file.flush()
+        pos = S.HEADER_V2.offset("refcount_table_offset")
+        self.file.pwrite(struct.pack(">QI", start << self.cluster_bits,
+                                     clusters), pos)
+        self.file.flush()
+        self.table, self.table_offset = table, start << self.cluster_bits
+        for c in range(old_offset >> self.cluster_bits,
+                       (old_offset >> self.cluster_bits) + old_clusters):
+            self.add(c, -1)
+
+    def _set_in(self, table, cluster, value):
+        saved, self.table = self.table, table
+        try:
+            self.set(cluster, value)
+        finally:
+            self.table = saved
+
+    # --- allocation ------------------------------------------------------
+
+    def alloc(self, n=1):
+        """Allocate `n` contiguous free clusters (refcount 1, written but
+        not flushed); return the first cluster index."""
+        start = self._find_free(n)
+        for c in range(start, start + n):
+            self.set(c, 1)
+        self.end = max(self.end, start + n)
+        return start
+
+    def _find_free(self, n):
+        c = self.free_hint
+        run = 0
+        while c < self.end:
+            index = c // self.per_block
+            if not self._block_offset(index):
+                # A range with no block below the end: not reused (its
+                # block could not count itself).
+                c = (index + 1) * self.per_block
+                run = 0
+                continue
+            if self.get(c) == 0:
+                run += 1
+                if run == n:
+                    return c - n + 1
+            else:
+                run = 0
+            c += 1
+        self.free_hint = self.end
+        # At the end of the file: skip clusters still counted there (a
+        # leak past EOF) and make sure refcount blocks exist first.
+        c = self.end
+        while True:
+            ok = True
+            for k in range(c, c + n):
+                if self.get(k):
+                    c = k + 1
+                    ok = False
+                    break
+            if not ok:
+                continue
+            missing = [i for i in range(c // self.per_block,
+                                        (c + n - 1) // self.per_block + 1)
+                       if not self._block_offset(i)]
+            if not missing:
+                return c
+            self._new_block(missing[0])
+            c = max(c, self.end)

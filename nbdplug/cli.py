@@ -281,6 +281,49 @@ def cmd_stop(args):
     print(f"stopped server pid {pid}")
 
 
+# --- convert ----------------------------------------------------------
+
+def cmd_convert(args):
+    from .convert import convert    # keeps tqdm off every other verb
+    convert(args.src, args.dst, args.out_format, src_fmt=args.format,
+            options=parse_options(args.options), compress=args.compress,
+            backing=args.backing, backing_fmt=args.backing_format,
+            share=args.force_share, policy=_policy(args),
+            progress=args.progress or (sys.stderr.isatty() and
+                                       not args.quiet))
+
+
+def _args_convert(p):
+    _add_format(p)
+    p.add_argument("-O", dest="out_format", required=True,
+                   choices=sorted(FORMATS), metavar="FMT",
+                   help="output format")
+    p.add_argument("-o", dest="options", metavar="OPTS",
+                   help="output format options KEY=VALUE[,...]")
+    p.add_argument("-c", dest="compress", action="store_true",
+                   help="compress the output (formats that can)")
+    p.add_argument("-p", dest="progress", action="store_true",
+                   help="show a progress bar even when not on a terminal")
+    p.add_argument("-q", dest="quiet", action="store_true")
+    p.add_argument("-U", "--force-share", action="store_true",
+                   help="read a source another process may be writing")
+    p.add_argument("-B", dest="backing", metavar="BACKING",
+                   help="backing file of the output; what the source's "
+                   "top layer does not hold is left to it")
+    p.add_argument("-F", dest="backing_format", choices=sorted(FORMATS),
+                   metavar="FMT")
+    _add_policy(p)
+    p.add_argument("src")
+    p.add_argument("dst")
+
+
+# --- rm-ram -------------------------------------------------------------
+
+def cmd_rm_ram(args):
+    from .ram import remove
+    remove(args.name)
+
+
 # --- verb table ---------------------------------------------------------
 
 def _args_info(p):
@@ -330,6 +373,11 @@ def _args_stop(p):
     p.add_argument("target", help="socket path, nbd+unix URI or pidfile")
 
 
+def _args_rm_ram(p):
+    p.add_argument("name", help="RAM disk NAME (or ram:NAME); servers "
+                   "that have it open keep it until they close it")
+
+
 VERBS = [
     ("info", cmd_info, _args_info,
      "info [-f FMT] [--output=human|json] IMAGE"),
@@ -343,6 +391,10 @@ VERBS = [
      "serve IMAGE [-f FMT] [--socket PATH | --listen HOST:PORT] "
      "[--readonly] [--foreground]"),
     ("stop", cmd_stop, _args_stop, "stop SOCKET|URI|PIDFILE"),
+    ("rm-ram", cmd_rm_ram, _args_rm_ram, "rm-ram NAME"),
+    ("convert", cmd_convert, _args_convert,
+     "convert [-f FMT] -O FMT [-o OPTS] [-c] [-p] [-U] "
+     "[-B BACKING [-F FMT]] SRC DST"),
 ]
 
 
@@ -351,12 +403,12 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def build_parser():
+def build_parser(verbs=None):
     parser = _Parser(prog=PROG, description="VM disk images as block "
                      "devices, through one driver code path.")
     sub = parser.add_subparsers(dest="verb", metavar="VERB",
                                 parser_class=_Parser)
-    for name, handler, add_args, synopsis in VERBS:
+    for name, handler, add_args, synopsis in verbs or VERBS:
         p = sub.add_parser(name, usage=f"{PROG} {synopsis}",
                            help=synopsis.split(" ", 1)[-1])
         add_args(p)
@@ -364,8 +416,9 @@ def build_parser():
     return parser
 
 
-def main(argv=None):
-    parser = build_parser()
+def main(argv=None, verbs=None):
+    """Run one verb from `verbs` (default VERBS; hotplug adds its own)."""
+    parser = build_parser(verbs)
     try:
         args = parser.parse_args(argv)
         if not getattr(args, "handler", None):

@@ -171,9 +171,9 @@ def _count_l1(mapping, geo, counter, report, stats, file_size):
             if not host:
                 continue
             if host % cs:
+                # Still counted over the clusters it spans, as qemu does.
                 report.corrupt(f"data cluster at {host:#x} is not properly "
                                "aligned; L2 entry corrupted")
-                continue
             counter.add(host, cs, "data cluster")
             if stats is not None:
                 stats["allocated"] += 1

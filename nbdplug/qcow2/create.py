@@ -171,10 +171,14 @@ def _header_cluster(o, size, cs, cb, l1_entries, backing, backing_fmt):
     exts = []
     if backing_fmt:
         exts.append((S.EXT_BACKING_FORMAT, backing_fmt.encode()))
-    if o["version"] == 3:
-        exts.append((S.EXT_FEATURE_NAMES, b"".join(
-            S.FEATURE_NAME.pack(t, b, name.encode())
-            for t, b, name in S.FEATURE_NAMES)))
+    names = b"".join(S.FEATURE_NAME.pack(t, b, name.encode())
+                     for t, b, name in S.FEATURE_NAMES)
+    name_len = len(backing.encode()) if backing is not None else 0
+    used = pos + sum(8 + -(-len(d) // 8) * 8 for _, d in exts) + 8
+    # The feature name table is only a courtesy: leave it out when it
+    # would not fit in a small first cluster.
+    if o["version"] == 3 and used + 8 + len(names) + name_len <= cs:
+        exts.append((S.EXT_FEATURE_NAMES, names))
     exts.append((S.EXT_END, b""))
     for kind, data in exts:
         padded = -(-len(data) // 8) * 8

@@ -135,15 +135,17 @@ class Refcounts:
         """Allocate refcount block `index`, placed inside the range it
         describes so that it counts itself.  Its content is durable before
         the table entry points at it."""
-        table = self.table if table is None else table
+        if table is None:
+            if index >= len(self.table):
+                self._grow_table(index + 1)     # moves self.end
+                if self.table[index]:           # growth made it already
+                    return self.table[index] & S.REFT_OFFSET_MASK
+            table = self.table
         first = index * self.per_block
         where = max(self.end, first)
         if where >= first + self.per_block:
             raise CorruptImage(self.path, FMT, f"no room for refcount "
                                f"block {index}", "refcount table")
-        if index >= len(table):
-            self._grow_table(index + 1)
-            table = self.table
         offset = where << self.cluster_bits
         block = bytearray(self.cluster_size)
         self.blocks[offset] = block

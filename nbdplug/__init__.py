@@ -8,12 +8,12 @@ only, because nbdkit's embedded Python imports it (see plugin.py).
 from .disk import HOLE, ZERO, Disk, Extent, HostRange, Run
 from .errors import (CorruptImage, ImageError, PolicyError, ReadOnlyDisk,
                      RequestError, UnsupportedFeature, UsageError)
-from .opener import FORMATS, create_image, open_image
+from .opener import FORMATS, check_image, create_image, open_image
 from .policy import OpenPolicy
 
 __all__ = [
     "HOLE", "ZERO", "Disk", "Extent", "HostRange", "Run",
     "CorruptImage", "ImageError", "PolicyError", "ReadOnlyDisk",
     "RequestError", "UnsupportedFeature", "UsageError",
-    "FORMATS", "create_image", "open_image", "OpenPolicy",
+    "FORMATS", "check_image", "create_image", "open_image", "OpenPolicy",
 ]

@@ -61,7 +61,10 @@ class Qcow2Disk(Disk):
         self.lock = threading.Lock()
         self.cond = threading.Condition(self.lock)
         self.map_ = Mapping(file, geo, path, l1_offset, l1_size)
-        self.refs = None if readonly else Refcounts(file, geo, path)
+        self.refs = None
+        if not readonly:
+            self.refs = Refcounts(file, geo, path)
+            self.refs.validate()
         self.busy = set()           # guest clusters being allocated
         self.pending = []           # (seq, host cluster) to decrement
         self.inflight = {}          # I/O token -> True, oldest first

@@ -36,6 +36,7 @@ class Mapping:
         self.l1_offset = l1_offset
         self.l1 = load_table(file, l1_offset, l1_size)
         self.cache = collections.OrderedDict()      # l2 offset -> array
+        self.bad = {}       # l2 offset -> {index: reason}, entries refused
         self.cache_limit = max(4, L2_CACHE_BYTES // geo.cluster_size)
         # Compressed descriptor split (see the spec's x).
         self.csize_shift = 62 - (geo.cluster_bits - 8)
@@ -64,51 +65,53 @@ class Mapping:
             raise CorruptImage(self.path, FMT, f"L2 table at {offset:#x} "
                                "lies past the end of the file", "L1 table")
         table = load_table(self.file, offset, self.cluster_size // 8)
-        self._validate(table, offset)
+        bad = self._validate(table)
+        if bad:
+            self.bad[offset] = bad
+        else:
+            self.bad.pop(offset, None)
         self.cache[offset] = table
         if len(self.cache) > self.cache_limit:
             self.cache.popitem(last=False)
         return table
 
-    def _validate(self, table, l2_offset):
+    def _validate(self, table):
+        """Entries of a freshly loaded L2 table that cannot be trusted,
+        as {index: reason}; using one of them is an error, the rest of
+        the table stays usable."""
         size = self.file.size()
         step = 2 if self.extended else 1
         cs = self.cluster_size
+        bad = {}
         for i in range(0, len(table), step):
             entry = table[i]
             if not entry:
                 continue
+            reason = None
             if entry & S.QCOW_OFLAG_COMPRESSED:
                 host, length = self.compressed_extent(entry)
                 if host + length > size + 512 or host < cs:
-                    raise self.bad(l2_offset, i // step, "compressed data "
-                                   "lies outside the file")
-                continue
-            if entry & S.L2E_STD_RESERVED:
-                raise self.bad(l2_offset, i // step, "reserved bits set "
-                               "or offset not cluster aligned")
-            host = entry & S.L2E_OFFSET_MASK
-            if host and host % cs:
-                raise self.bad(l2_offset, i // step, "offset not cluster "
-                               "aligned")
-            if host and (host + cs > -(-size // cs) * cs or host == 0):
-                raise self.bad(l2_offset, i // step, "data cluster lies "
-                               "past the end of the file")
-            if self.extended:
-                bitmap = table[i + 1]
-                if bitmap & (bitmap >> 32) & 0xFFFFFFFF:
-                    raise self.bad(l2_offset, i // step, "subcluster both "
-                                   "allocated and zero")
-                if bitmap & 0xFFFFFFFF and not host:
-                    raise self.bad(l2_offset, i // step, "allocated "
-                                   "subclusters without a host cluster")
-            elif entry & S.QCOW_OFLAG_ZERO and not self.zero_flag:
-                raise self.bad(l2_offset, i // step, "zero flag in an image "
-                               "that cannot have it")
-
-    def bad(self, l2_offset, index, reason):
-        return CorruptImage(self.path, FMT, f"L2 table at {l2_offset:#x} "
-                            f"entry {index}: {reason}", "L2 table")
+                    reason = "compressed data lies outside the file"
+            elif entry & S.L2E_STD_RESERVED:
+                reason = "reserved bits set or offset not cluster aligned"
+            else:
+                host = entry & S.L2E_OFFSET_MASK
+                if host and host % cs:
+                    reason = "offset not cluster aligned"
+                elif host and host + cs > -(-size // cs) * cs:
+                    reason = "data cluster lies past the end of the file"
+                elif self.extended:
+                    bitmap = table[i + 1]
+                    if bitmap & (bitmap >> 32) & 0xFFFFFFFF:
+                        reason = "subcluster both allocated and zero"
+                    elif bitmap & 0xFFFFFFFF and not host:
+                        reason = "allocated subclusters without a host " \
+                                 "cluster"
+                elif entry & S.QCOW_OFLAG_ZERO and not self.zero_flag:
+                    reason = "zero flag in an image that cannot have it"
+            if reason:
+                bad[i // step] = reason
+        return bad
 
     def entry(self, cluster):
         """(l2 entry, subcluster bitmap) of guest cluster `cluster`."""
@@ -118,6 +121,10 @@ class Mapping:
             return 0, 0
         table = self.l2_table(offset)
         i = cluster & (self.l2_entries - 1)
+        if self.bad and offset in self.bad and i in self.bad[offset]:
+            raise CorruptImage(self.path, FMT, f"L2 table at {offset:#x} "
+                               f"entry {i}: {self.bad[offset][i]}",
+                               "L2 table")
         if self.extended:
             return table[2 * i], table[2 * i + 1]
         return table[i], 0

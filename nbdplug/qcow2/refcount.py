@@ -51,6 +51,17 @@ class Refcounts:
         self.end = -(-file.size() // self.cluster_size)
         self.free_hint = 0
 
+    def validate(self):
+        """Every refcount block a writer may touch is aligned and inside
+        the file (a writer must not trust a hostile table)."""
+        size = self.file.size()
+        for index in range(len(self.table)):
+            offset = self._block_offset(index)
+            if offset and offset + self.cluster_size > size:
+                raise CorruptImage(self.path, FMT, f"refcount block {index} "
+                                   "lies past the end of the file",
+                                   "refcount table")
+
     # --- reading ---------------------------------------------------------
 
     def _block_offset(self, index):

@@ -280,3 +280,29 @@ def test_runtime_corruption_marks_image_and_turns_readonly(tmp_path):
             h.pwrite(b"x" * 512, 2 * MiB)            # now read-only
         assert e.value.errno in ("EROFS", "EPERM")
     assert _peek(image, 72, ">Q") & 2                # corrupt bit set
+
+
+def test_dirty_bit_rebuilds_refcounts_before_writing(tmp_path):
+    image = tmp_path / "img.qcow2"
+    run(["qemu-img", "create", "-f", "qcow2", "-o", "lazy_refcounts=on",
+         str(image), "4M"])
+    qemu_io(image, "write -P 1 0 64k", "write -P 2 1M 64k")
+    # What an unclean shutdown with lazy refcounts leaves: the dirty bit
+    # and a data cluster whose refcount was never written.
+    host = _peek(image, _l2_entry_offset(image, MiB), ">Q") & \
+        0x00FFFFFFFFFFFE00
+    _poke(image, _refcount_entry_offset(image, host), ">H", 0)
+    _poke(image, 72, ">Q", _peek(image, 72, ">Q") | 1)
+    before = image.read_bytes()
+    with served(str(image), "qcow2", readonly=True) as srv:
+        assert srv.connect().pread(4, MiB) == b"\x02" * 4
+    assert image.read_bytes() == before          # read-only: untouched
+    with served(str(image), "qcow2") as srv:
+        h = srv.connect()
+        h.pwrite(b"\x03" * 65536, 2 * MiB)       # must not reuse `host`
+        h.flush()
+        assert h.pread(4, MiB) == b"\x02" * 4
+    assert not _peek(image, 72, ">Q") & 1        # dirty bit cleared
+    theirs = qemu_check(image)
+    assert theirs.get("corruptions", 0) == 0 and \
+        theirs.get("leaks", 0) == 0, theirs

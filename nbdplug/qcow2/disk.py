@@ -78,6 +78,14 @@ class Qcow2Disk(Disk):
         try:
             geo = read_header(file, path)
             if not readonly and geo.incompatible_features & \
+                    S.INCOMPAT_DIRTY:
+                # Refcounts may be stale (lazy refcounts, unclean
+                # shutdown): rebuild them from the tables first.
+                file.close()
+                cls.check(path, ctx, "all")
+                file = ctx.open_file(path, readonly)
+                geo = read_header(file, path)
+            if not readonly and geo.incompatible_features & \
                     S.INCOMPAT_CORRUPT:
                 raise CorruptImage(path, FMT, "image is corrupt; cannot be "
                                    "opened read/write (see nbdplug check)",
@@ -224,10 +232,6 @@ class Qcow2Disk(Disk):
         up to date (bitmaps), durably, as the spec requires."""
         if self.prepared:
             return
-        if self.dirty:
-            raise CorruptImage(self.path, FMT, "image was not closed "
-                               "cleanly (dirty bit); run nbdplug check -r "
-                               "all first", "incompatible_features")
         if self.geo.version >= 3 and self.geo.autoclear_features:
             self.file.pwrite(bytes(8), S.HEADER_V3.offset(
                 "autoclear_features"))

@@ -1,17 +1,125 @@
-"""The `tapbridge` command (its serving verbs arrive with the ring)."""
+"""The `tapbridge` command.
+
+    tapbridge serve-shm DIR IMAGE [-f FMT] [--order N]
+        [--protocol x86_64-abi|x86_32-abi] [--readonly] [--workers N]
+
+A user error prints one line and exits 2; a frontend that overruns its
+ring stops that ring with one line and exit status 1; SIGTERM finishes the
+requests in flight, flushes and exits 0.
+"""
 
 import argparse
+import logging
+import os
+import signal
 import sys
+
+from nbdplug.errors import ImageError, UsageError
+from nbdplug.opener import FORMATS, open_image
+
+from .abi import PROTOCOLS, X86_64
+from .dispatch import DEFAULT_WORKERS, Dispatcher
+from .ring import RingOverrun
+from .shm import RING, ShmTransport
+
+PROG = "tapbridge"
+MAX_RING_PAGE_ORDER = 4     # as blkback and QEMU (XENBUS_MAX_RING_GRANT_ORDER)
+
+
+def cmd_serve_shm(args):
+    if not 0 <= args.order <= MAX_RING_PAGE_ORDER:
+        raise UsageError(f"--order {args.order}: expected 0 to "
+                         f"{MAX_RING_PAGE_ORDER}")
+    protocol = PROTOCOLS[args.protocol]
+    with open_image(args.image, args.format, readonly=args.readonly) as disk:
+        transport = ShmTransport(args.dir, args.order)
+        try:
+            dispatcher = Dispatcher(disk, transport, protocol,
+                                    readonly=args.readonly,
+                                    workers=args.workers)
+        except RingOverrun as e:
+            transport.close()
+            raise UsageError(f"{os.path.join(args.dir, RING)}: {e}")
+        try:
+            return _serve(dispatcher, os.path.join(args.dir, RING))
+        finally:
+            dispatcher.close()
+            transport.close()
+
+
+def _serve(dispatcher, where):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: dispatcher.stop())
+    ring = dispatcher.ring
+    print(f"serving {where}: {dispatcher.protocol.name}, {ring.size} "
+          f"entries, from index {ring.req_cons}", flush=True)
+    try:
+        dispatcher.serve()
+    except RingOverrun as e:
+        print(f"{PROG}: {where}: {e}; ring halted", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _args_serve_shm(p):
+    p.add_argument("-f", dest="format", choices=sorted(FORMATS),
+                   metavar="FMT", help="image format (" +
+                   ", ".join(sorted(FORMATS)) + ")")
+    p.add_argument("--order", type=int, default=0,
+                   help="ring-page-order: the ring is 4096 << N bytes")
+    p.add_argument("--protocol", choices=sorted(PROTOCOLS),
+                   default=X86_64.name)
+    p.add_argument("--readonly", "-r", action="store_true")
+    p.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
+                   help="threads calling the image driver")
+    p.add_argument("dir")
+    p.add_argument("image")
+
+
+VERBS = [
+    ("serve-shm", cmd_serve_shm, _args_serve_shm,
+     "serve-shm DIR IMAGE [-f FMT] [--order N] "
+     "[--protocol x86_64-abi|x86_32-abi] [--readonly] [--workers N]"),
+]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def build_parser():
+    parser = _Parser(prog=PROG, description="Serve a Xen guest's virtual "
+                     "disk from the blkif shared ring through nbdplug's "
+                     "image drivers.")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB",
+                                parser_class=_Parser)
+    for name, handler, add_args, synopsis in VERBS:
+        p = sub.add_parser(name, usage=f"{PROG} {synopsis}",
+                           help=synopsis.split(" ", 1)[-1])
+        add_args(p)
+        p.set_defaults(handler=handler)
+    return parser
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="tapbridge",
-        description="Serve a Xen guest's virtual disk from the blkif "
-        "shared ring through nbdplug's image drivers.")
-    parser.parse_args(argv)
-    parser.print_help()
-    return 0
+    logging.basicConfig(format=f"{PROG}: %(message)s", level=logging.INFO)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if not getattr(args, "handler", None):
+            parser.print_help()
+            return 2
+        return args.handler(args) or 0
+    except (UsageError, ImageError) as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"{PROG}: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,0 +1,311 @@
+"""Serving a blkif ring from an nbdplug Disk.
+
+One consumer thread copies requests off the ring, validates each copy
+completely, and hands it to a pool of workers; workers call the Disk
+(the same driver objects the nbdkit plugin serves), write the response
+and push it, so requests complete out of order as in blkback, QEMU and
+tapdisk3.  A full ring of requests in flight is the normal case.
+
+- READ / WRITE: the segments become one buffer and one driver call
+  (contiguous guest memory is used in place, scattered segments go
+  through one bounce buffer).
+- FLUSH_DISKCACHE: the write, if any, then Disk.flush(), which makes
+  every write completed before it durable.
+- WRITE_BARRIER: drain every earlier request, write, flush, and only then
+  consume the requests after it.
+- DISCARD: trims the 4 KiB-aligned part of the range; with
+  BLKIF_DISCARD_SECURE (advertised only when the disk can zero) the whole
+  range is zeroed.  Disks that cannot trim answer EOPNOTSUPP.
+- INDIRECT: READ or WRITE with up to MAX_INDIRECT_SEGMENTS segments
+  listed in granted pages; the response echoes indirect_op.
+
+A request that fails validation (segment count, first_sect > last_sect,
+last_sect > 7, a range past the end, a write to a read-only disk, an
+invalid grant) is answered BLKIF_RSP_ERROR before anything is written;
+unknown operations are answered BLKIF_RSP_EOPNOTSUPP.
+"""
+
+import errno
+import logging
+import os
+import queue
+import select
+import threading
+
+from . import abi
+from .abi import (BLKIF_OP_DISCARD, BLKIF_OP_FLUSH_DISKCACHE,
+                  BLKIF_OP_INDIRECT, BLKIF_OP_READ, BLKIF_OP_WRITE,
+                  BLKIF_OP_WRITE_BARRIER, BLKIF_RSP_EOPNOTSUPP,
+                  BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, PAGE_SIZE, SECTOR_SIZE)
+from .ring import BackRing
+from .transport import BadGrant
+
+log = logging.getLogger("tapbridge")
+
+# As blkback: 256 segments make a 1 MiB request, listed in one page.
+MAX_INDIRECT_SEGMENTS = 256
+DISCARD_GRANULARITY = PAGE_SIZE
+# The safety net under event suppression: look at the ring this often
+# even without a notification.
+RECHECK_SECONDS = 0.5
+DEFAULT_WORKERS = 4
+# A guest can fail requests as fast as it likes; log only the first ones.
+MAX_COMPLAINTS = 100
+
+_SEGMENT = abi.BLKIF_REQUEST_SEGMENT.struct
+_LAST_SECT = abi.SECTORS_PER_PAGE - 1
+_WRITES = (BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER, BLKIF_OP_FLUSH_DISKCACHE)
+
+
+class Rejected(Exception):
+    """A request answered without touching the disk."""
+
+    def __init__(self, status, reason):
+        super().__init__(reason)
+        self.status = status
+
+
+class Request:
+    """A validated private copy of one ring request."""
+
+    __slots__ = ("id", "operation", "kind", "offset", "length",
+                 "segments", "secure")
+
+    def __init__(self, req_id, operation, kind, offset, length,
+                 segments=(), secure=False):
+        self.id = req_id
+        self.operation = operation      # echoed in the response
+        self.kind = kind                # what to do (indirect: its op)
+        self.offset = offset
+        self.length = length
+        self.segments = segments
+        self.secure = secure
+
+
+class Dispatcher:
+    def __init__(self, disk, transport, protocol, readonly=False,
+                 workers=DEFAULT_WORKERS,
+                 max_indirect=MAX_INDIRECT_SEGMENTS):
+        self.disk = disk
+        self.transport = transport
+        self.protocol = protocol
+        self.ring = BackRing(transport.ring, protocol)
+        self.readonly = readonly or disk.readonly
+        self.can_discard = disk.can_trim and not self.readonly
+        self.can_secure_discard = self.can_discard and disk.can_zero
+        self.max_indirect = max_indirect
+        self.nworkers = workers
+        self._lock = threading.Lock()           # response slots, counts
+        self._idle = threading.Condition(self._lock)
+        self._inflight = 0
+        self._queue = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._stopping = False
+        self._complaints = 0
+
+    # --- the consumer -----------------------------------------------------
+
+    def serve(self):
+        """Serve until stop(); raises RingOverrun when the frontend
+        overruns the ring.  Either way in-flight requests are finished
+        and answered and the disk is flushed before this returns."""
+        workers = [threading.Thread(target=self._worker, daemon=True,
+                                    name=f"tapbridge-worker-{i}")
+                   for i in range(self.nworkers)]
+        for t in workers:
+            t.start()
+        poller = select.poll()
+        poller.register(self.transport.fileno(), select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        try:
+            while not self._stopping:
+                requests = self.ring.take()
+                if requests:
+                    for raw in requests:
+                        self._dispatch(raw)
+                elif not self.ring.final_check():
+                    if poller.poll(RECHECK_SECONDS * 1000):
+                        self.transport.clear_kicks()
+        finally:
+            self._drain()
+            for _ in workers:
+                self._queue.put(None)
+            for t in workers:
+                t.join()
+            if not self.disk.readonly:
+                self.disk.flush()
+
+    def stop(self):
+        """Ask serve() to return (safe from a signal handler)."""
+        self._stopping = True
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:
+            pass
+
+    def close(self):
+        self.ring.release()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def _dispatch(self, raw):
+        try:
+            req = self._parse(raw)
+        except Rejected as e:
+            # As blkback: an indirect request's response echoes indirect_op
+            # (at offset 1 in both ABIs), even when it is invalid.
+            op = raw[1] if raw[0] == BLKIF_OP_INDIRECT else raw[0]
+            req_id = self.protocol.request.unpack_from(raw).id
+            self._complain("request %#x (operation %d): %s", req_id, op, e)
+            self._respond(req_id, op, e.status, inflight=False)
+            return
+        if req.kind == BLKIF_OP_WRITE_BARRIER:
+            # Everything before the barrier completes first; nothing after
+            # it is consumed until it is durable.
+            self._drain()
+            self._respond(req.id, req.operation, self._execute(req),
+                          inflight=False)
+            return
+        with self._lock:
+            self._inflight += 1
+        self._queue.put(req)
+
+    def _drain(self):
+        with self._idle:
+            self._idle.wait_for(lambda: self._inflight == 0)
+
+    # --- validation: on the private copy only ------------------------------
+
+    def _parse(self, raw):
+        op = raw[0]
+        if op == BLKIF_OP_DISCARD:
+            return self._parse_discard(raw)
+        if op == BLKIF_OP_INDIRECT:
+            return self._parse_indirect(raw)
+        if op not in (BLKIF_OP_READ, BLKIF_OP_WRITE,
+                      BLKIF_OP_WRITE_BARRIER, BLKIF_OP_FLUSH_DISKCACHE):
+            raise Rejected(BLKIF_RSP_EOPNOTSUPP, "unknown operation")
+        req = self.protocol.request.unpack_from(raw)
+        nseg = req.nr_segments
+        least = 1 if op in (BLKIF_OP_READ, BLKIF_OP_WRITE) else 0
+        if not least <= nseg <= abi.BLKIF_MAX_SEGMENTS_PER_REQUEST:
+            raise Rejected(BLKIF_RSP_ERROR, f"{nseg} segments")
+        segments = [s[:3] for s in _SEGMENT.iter_unpack(req.seg)][:nseg]
+        return self._rw(req.id, op, op, req.sector_number, segments)
+
+    def _parse_indirect(self, raw):
+        req = self.protocol.indirect.unpack_from(raw)
+        if not self.max_indirect:
+            raise Rejected(BLKIF_RSP_EOPNOTSUPP, "indirect not advertised")
+        op, nseg = req.indirect_op, req.nr_segments
+        if op not in (BLKIF_OP_READ, BLKIF_OP_WRITE):
+            raise Rejected(BLKIF_RSP_ERROR, f"indirect operation {op}")
+        if not 1 <= nseg <= self.max_indirect:
+            raise Rejected(BLKIF_RSP_ERROR, f"{nseg} indirect segments "
+                           f"(at most {self.max_indirect})")
+        npages = -(-nseg // abi.SEGMENTS_PER_INDIRECT_PAGE)
+        grefs = abi.INDIRECT_GREFS.unpack(req.indirect_grefs)[:npages]
+        try:
+            pages = b"".join(self.transport.page(g) for g in grefs)
+        except BadGrant as e:
+            raise Rejected(BLKIF_RSP_ERROR, str(e)) from None
+        segments = [s[:3] for s in _SEGMENT.iter_unpack(
+            pages[:nseg * _SEGMENT.size])]
+        return self._rw(req.id, op, op, req.sector_number, segments)
+
+    def _rw(self, req_id, operation, kind, sector, segments):
+        if kind in _WRITES and self.readonly:
+            raise Rejected(BLKIF_RSP_ERROR, "write to a read-only disk")
+        length = 0
+        for _, first, last in segments:
+            if not first <= last <= _LAST_SECT:
+                raise Rejected(BLKIF_RSP_ERROR,
+                               f"segment sectors {first}..{last}")
+            length += (last - first + 1) * SECTOR_SIZE
+        offset = self._range(sector, length)
+        return Request(req_id, operation, kind, offset, length, segments)
+
+    def _parse_discard(self, raw):
+        req = self.protocol.discard.unpack_from(raw)
+        if self.readonly:
+            raise Rejected(BLKIF_RSP_ERROR, "discard on a read-only disk")
+        if not self.can_discard:
+            raise Rejected(BLKIF_RSP_EOPNOTSUPP, "discard not supported")
+        length = req.nr_sectors * SECTOR_SIZE
+        offset = self._range(req.sector_number, length)
+        secure = bool(req.flag & abi.BLKIF_DISCARD_SECURE) and \
+            self.can_secure_discard
+        return Request(req.id, BLKIF_OP_DISCARD, BLKIF_OP_DISCARD, offset,
+                       length, secure=secure)
+
+    def _range(self, sector, length):
+        offset = sector * SECTOR_SIZE
+        if offset + length > self.disk.size:
+            raise Rejected(BLKIF_RSP_ERROR,
+                           f"sectors {sector}+{length // SECTOR_SIZE} are "
+                           f"past the end ({self.disk.size // SECTOR_SIZE})")
+        return offset
+
+    # --- execution ---------------------------------------------------------
+
+    def _worker(self):
+        get = self._queue.get
+        while True:
+            req = get()
+            if req is None:
+                return
+            self._respond(req.id, req.operation, self._execute(req),
+                          inflight=True)
+
+    def _execute(self, req):
+        """Run one request on the disk; its response status."""
+        disk, kind = self.disk, req.kind
+        try:
+            if kind == BLKIF_OP_READ:
+                buf = self.transport.buffer(req.segments, True)
+                disk.pread(buf.view, req.offset)
+                buf.finish()
+            elif kind == BLKIF_OP_DISCARD:
+                self._discard(req)
+            else:
+                if req.segments:
+                    buf = self.transport.buffer(req.segments, False)
+                    disk.pwrite(buf.view, req.offset)
+                if kind != BLKIF_OP_WRITE:
+                    disk.flush()
+            return BLKIF_RSP_OKAY
+        except Exception as e:      # the guest gets a status, we a log line
+            self._complain("request %#x (operation %d, offset %d, %d bytes):"
+                           " %s", req.id, req.operation, req.offset,
+                           req.length, e)
+            if isinstance(e, OSError) and e.errno == errno.EOPNOTSUPP:
+                return BLKIF_RSP_EOPNOTSUPP
+            return BLKIF_RSP_ERROR
+
+    def _discard(self, req):
+        if req.secure:      # the data must not be readable afterwards
+            self.disk.zero(req.length, req.offset, may_trim=True)
+            return
+        g = DISCARD_GRANULARITY
+        start = -(-req.offset // g) * g
+        end = (req.offset + req.length) // g * g
+        if end > start:
+            self.disk.trim(end - start, start)
+
+    def _complain(self, *args):
+        self._complaints += 1
+        if self._complaints <= MAX_COMPLAINTS:
+            log.warning(*args)
+        if self._complaints == MAX_COMPLAINTS:
+            log.warning("not logging further failed requests")
+
+    def _respond(self, req_id, operation, status, inflight):
+        with self._lock:
+            self.ring.respond(req_id, operation, status)
+            notify = self.ring.push()
+            if inflight:
+                self._inflight -= 1
+                if not self._inflight:
+                    self._idle.notify_all()
+        if notify:
+            self.transport.notify()

@@ -174,6 +174,7 @@ def main():
     args = parser.parse_args()
     plan = {
         "raw": (["nbdplug", "nbdkit-file", "qemu-nbd"], "nbdkit-file"),
+        "qcow2": (["nbdplug", "qemu-nbd"], "qemu-nbd"),
     }
     os.makedirs(args.out, exist_ok=True)
     workdir = tempfile.mkdtemp(prefix="nbdplug-bench.", dir="/var/tmp")

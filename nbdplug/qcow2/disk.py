@@ -28,6 +28,7 @@ from .refcount import Refcounts
 from .snapshot import find, read_snapshots
 
 FMT = "qcow2"
+_NOT_PLAIN = S.QCOW_OFLAG_COMPRESSED | S.QCOW_OFLAG_ZERO
 
 
 class Qcow2Disk(Disk):
@@ -55,6 +56,9 @@ class Qcow2Disk(Disk):
         self.cluster_size = geo.cluster_size
         self.granule = geo.subcluster_size
         self.extended = geo.extended_l2
+        self.cluster_mask = self.cluster_size - 1
+        self.l1_shift = geo.cluster_bits + geo.l2_bits
+        self.l2_mask = geo.l2_entries - 1
         self.preferred_block = max(4096, min(self.cluster_size, 1 << 20))
         self.backing_name = geo.backing_name
         self.dirty = bool(geo.incompatible_features & S.INCOMPAT_DIRTY)
@@ -163,12 +167,37 @@ class Qcow2Disk(Disk):
 
     # --- reads -----------------------------------------------------------
 
+    def _plain_host(self, offset, length, writing):
+        """Fast path for the common request: inside one cluster whose L2
+        table is cached and whose entry is plain data (for writes: owned,
+        refcount one).  Returns the host offset, or None to take the
+        general path.  Caller holds the lock."""
+        if self.extended or (offset & self.cluster_mask) + length > \
+                self.cluster_size:
+            return None
+        m = self.map_
+        l1e = m.l1[offset >> self.l1_shift]
+        table = m.cache.get(l1e & S.L1E_OFFSET_MASK)
+        if table is None or m.bad or (writing and not
+                                      l1e & S.QCOW_OFLAG_COPIED):
+            return None
+        entry = table[(offset >> self.cluster_bits) & self.l2_mask]
+        if entry & _NOT_PLAIN or not entry & S.L2E_OFFSET_MASK or \
+                (writing and not entry & S.QCOW_OFLAG_COPIED):
+            return None
+        return (entry & S.L2E_OFFSET_MASK) + (offset & self.cluster_mask)
+
     def pread(self, buf, offset):
         with self.lock:
-            runs = self._runs(offset, len(buf))
+            host = self._plain_host(offset, len(buf), False)
+            if host is None:
+                runs = self._runs(offset, len(buf))
             token = self._io_start()
         try:
-            self._fill(memoryview(buf), offset, runs)
+            if host is not None:
+                self.file.pread(buf, host)
+            else:
+                self._fill(memoryview(buf), offset, runs)
         finally:
             with self.lock:
                 del self.inflight[token]
@@ -242,7 +271,19 @@ class Qcow2Disk(Disk):
         self._check(len(buf), offset)
         data = memoryview(buf)
         try:
-            self._write(data, offset)
+            with self.lock:
+                host = self._plain_host(offset, len(data), True) \
+                    if self.prepared and not self.busy else None
+                if host is not None:
+                    token = self._io_start()
+            if host is None:
+                self._write(data, offset)
+            else:
+                try:
+                    self.file.pwrite(data, host)
+                finally:
+                    with self.lock:
+                        del self.inflight[token]
             if fua:
                 self.flush()
         except CorruptImage as e:

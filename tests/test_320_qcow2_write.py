@@ -306,3 +306,32 @@ def test_dirty_bit_rebuilds_refcounts_before_writing(tmp_path):
     theirs = qemu_check(image)
     assert theirs.get("corruptions", 0) == 0 and \
         theirs.get("leaks", 0) == 0, theirs
+
+
+@pytest.mark.parametrize("ctype,cs", [("zlib", 65536), ("zstd", 4096)])
+def test_compressed_writes_packed_like_qemu(tmp_path, ctype, cs):
+    src = tmp_path / "src.raw"
+    with open(src, "wb") as f:
+        for i in range(96):
+            f.write(bytes([i]) * 32768 if i % 3 else os.urandom(32768))
+    image = tmp_path / "img.qcow2"
+    nbdplug("convert", "-q", "-c", "-f", "raw", "-O", "qcow2", "-o",
+            f"compression_type={ctype},cluster_size={cs}", src, image)
+    qemu_img_compare(str(image), str(src), "qcow2", "raw")
+    theirs = qemu_check(image)
+    assert theirs.get("corruptions", 0) == 0 and \
+        theirs.get("leaks", 0) == 0, theirs
+    assert theirs["compressed-clusters"] > 0
+    # Several compressed clusters share a host cluster.
+    assert os.path.getsize(image) < os.path.getsize(src) * 0.6
+    # Overwriting part of a compressed cluster copies it on write.
+    model = bytearray(src.read_bytes())
+    with served(str(image), "qcow2") as srv:
+        h = srv.connect()
+        h.pwrite(b"\xee" * 1000, 40000)
+        h.flush()
+    model[40000:41000] = b"\xee" * 1000
+    expect = tmp_path / "expect.raw"
+    expect.write_bytes(model)
+    qemu_img_compare(str(image), str(expect), "qcow2", "raw")
+    assert_checks_agree(image)

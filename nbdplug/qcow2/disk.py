@@ -21,7 +21,7 @@ import threading
 from ..disk import Disk, Run
 from ..errors import CorruptImage, RequestError, UsageError
 from . import structs as S
-from .compress import decompress
+from .compress import compress, decompress
 from .header import read_header
 from .mapping import COMPRESSED, NORMAL, UNALLOCATED, ZERO, Mapping
 from .refcount import Refcounts
@@ -35,6 +35,7 @@ class Qcow2Disk(Disk):
     format_name = FMT
     can_trim = True
     can_zero = True
+    can_compress = True
 
     def __init__(self, file, geo, readonly, path, snapshots, snapshot=None):
         size = geo.size
@@ -75,6 +76,8 @@ class Qcow2Disk(Disk):
         self.seq = 0
         self.prepared = False
         self.last_compressed = (None, None)
+        self.compress = False           # write whole clusters compressed
+        self.compress_tail = None       # next free byte for compressed data
 
     @classmethod
     def open(cls, path, readonly, ctx):
@@ -103,6 +106,7 @@ class Qcow2Disk(Disk):
                                      "read-only")
                 snap = find(snapshots, key, path)
             disk = cls(file, geo, readonly, path, snapshots, snap)
+            disk.compress = bool(ctx.options.get("compress"))
             if geo.backing_name:
                 disk.backing = ctx.open_backing(
                     path, FMT, geo.backing_name, geo.backing_format,
@@ -308,17 +312,21 @@ class Qcow2Disk(Disk):
                 else:
                     inplace.append((host, piece))
             token = self._io_start()
-            if alloc:
-                self.busy.update(c for c, _, _ in alloc)
+            claimed = [c for c, _, _ in alloc]
+            self.busy.update(claimed)
         try:
             self._write_inplace(inplace)
+            if alloc and self.compress:
+                whole = [it for it in alloc if len(it[2]) == cs]
+                alloc = [it for it in alloc if len(it[2]) != cs] + \
+                    self._compressed_write(whole)
             if alloc:
                 self._allocating_write(alloc)
         finally:
             with self.lock:
                 del self.inflight[token]
-                if alloc:
-                    self.busy.difference_update(c for c, _, _ in alloc)
+                if claimed:
+                    self.busy.difference_update(claimed)
                     self.cond.notify_all()
 
     def _inplace_host(self, cluster, a, b):
@@ -415,6 +423,59 @@ class Qcow2Disk(Disk):
                 self.map_.set_entry(c, host | S.QCOW_OFLAG_COPIED,
                                     new_bitmap)
                 self._drop(drop)
+
+    def _compressed_write(self, items):
+        """Write whole clusters compressed (convert -c): each compressed
+        stream is packed after the previous one, sharing host clusters
+        as qemu does.  Returns the items that did not shrink, to be
+        written plainly."""
+        plain, packed = [], []
+        for item in items:
+            blob = compress(bytes(item[2]), self.geo.compression_type)
+            (plain if blob is None else packed).append((item, blob))
+        plans = []
+        with self.lock:
+            for (c, _, _), blob in packed:
+                self._ensure_l2(c)
+                entry, _ = self.map_.entry(c)
+                drop = self._owned_clusters(entry)
+                host = self._alloc_bytes(len(blob))
+                sectors = ((host + len(blob) - 1) >> 9) - (host >> 9)
+                desc = S.QCOW_OFLAG_COMPRESSED | host | \
+                    (sectors << self.map_.csize_shift)
+                plans.append((c, blob, host, desc, drop))
+        for c, blob, host, desc, drop in plans:
+            self.file.pwrite(blob, host)
+        self.file.flush()
+        with self.lock:
+            for c, blob, host, desc, drop in plans:
+                self.map_.set_entry(c, desc, 0)
+                self._drop(drop)
+        return [item for item, _ in plain]
+
+    def _alloc_bytes(self, n):
+        """Host bytes for a compressed stream, right after the previous
+        one when the clusters it spills into are free (each cluster it
+        touches gains a reference), else at new clusters.  Caller holds
+        the lock."""
+        cb, mask = self.cluster_bits, self.cluster_mask
+        tail = self.compress_tail
+        if tail and tail & mask and self.refs.get(tail >> cb):
+            first, last = tail >> cb, (tail + n - 1) >> cb
+            taken = []
+            for c in range(first + 1, last + 1):
+                if not self.refs.claim(c):
+                    break
+                taken.append(c)
+            if len(taken) == last - first:
+                self.refs.add(first, 1)
+                self.compress_tail = tail + n
+                return tail
+            for c in taken:             # not contiguous: give them back
+                self.refs.set(c, 0)
+        host = self.refs.alloc(-(-n >> cb)) << cb
+        self.compress_tail = host + n
+        return host
 
     def _owned_clusters(self, entry):
         """Host clusters this L2 entry holds a reference on."""
@@ -592,6 +653,9 @@ class Qcow2Disk(Disk):
                     keep.append((seq, c))
                     continue
                 self.refs.add(c, -1)
+                if self.compress_tail and self.compress_tail >> \
+                        self.cluster_bits == c:
+                    self.compress_tail = None
                 if not self.refs.get(c):
                     self._punch(c)
             self.pending = keep + self.pending

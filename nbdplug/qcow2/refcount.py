@@ -233,6 +233,19 @@ class Refcounts:
         self.end = max(self.end, start + n)
         return start
 
+    def claim(self, cluster):
+        """Take `cluster` (refcount 1) if it is free; False if not."""
+        index = cluster // self.per_block
+        if not self._block_offset(index):
+            if cluster < self.end:
+                return False        # its block could not count itself
+            self._new_block(index)  # may land on `cluster` itself
+        if self.get(cluster):
+            return False
+        self.set(cluster, 1)
+        self.end = max(self.end, cluster + 1)
+        return True
+
     def _find_free(self, n):
         c = self.free_hint
         run = 0

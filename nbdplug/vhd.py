@@ -13,12 +13,14 @@ Reference: Microsoft, "Virtual Hard Disk Image Format Specification" 1.0
 A sector whose bitmap bit is clear reads from the parent (differencing) or
 as zeros (dynamic).  All values are big-endian.
 
-Writes keep two promises.  The file always ends in a valid footer: a new
-block's footer is written (and made durable) past the block before the
-block's bitmap overwrites the old footer.  And nothing points at bytes that
-are not yet durable: data, then bitmap bits, then the BAT entry.  Discard
-clears bitmap bits and releases blocks that become empty (the BAT entry is
-reset and made durable before the space is truncated away or punched).
+Nothing points at bytes that are not yet durable: a new block's data,
+bitmap and the footer moved past it, then its BAT entry; data before the
+bitmap bits that claim it.  Discard clears bitmap bits and releases
+blocks that become empty (the BAT entry is reset, durably, before the
+space is truncated away or punched).  A crash may leave the end of the
+file without its footer: the copy at offset 0, which never changes,
+stands in (the specification keeps it for that), and a writable open or
+`check -r leaks` puts the footer back.
 """
 
 import array
@@ -620,12 +622,10 @@ class VhdDisk(Disk):
         if start // SECTOR >= UNUSED:
             raise ImageError(self.path, FMT, "the image file would pass "
                              "the 2 TiB a BAT entry can address", "BAT")
-        # 1. The footer moves past the new block first, so the file never
-        #    ends without one (the block's bitmap overwrites the old one).
-        self.file.pwrite(geom.footer, end)
-        self.file.flush()
-        # 2. Bitmap and data, durable before the BAT entry points at them.
-        #    A dynamic block's unwritten sectors are zeros (fresh file
+        # 1. Bitmap and data (over the old footer) and the footer moved
+        #    past the block, durable before the BAT entry points at them
+        #    (qemu refuses a BAT entry past the end of the file).  A
+        #    dynamic block's unwritten sectors are zeros (fresh file
         #    space), so it claims them all, as qemu does.
         bitmap = bytearray(geom.bitmap_size)
         first = within // SECTOR
@@ -638,8 +638,9 @@ class VhdDisk(Disk):
         else:
             self.file.pwrite(bitmap, start)
             self.file.pwrite(data, start + geom.bitmap_size + within)
+        self.file.pwrite(geom.footer, end)
         self.file.flush()
-        # 3. The BAT entry: one sector write, durable at the next flush.
+        # 2. The BAT entry: one sector, durable at the next flush.
         self._set_bat(block, start // SECTOR)
         self._end = end
         self._bitmaps[block] = FULL if _all_set(
@@ -745,15 +746,14 @@ class VhdDisk(Disk):
             self._punch(start, end - start)
 
     def _shrink(self):
-        """Move the footer back to the end of what is in use, durably (so
-        the file never ends without one), and truncate the rest away."""
+        """Move the footer back to the end of what is in use and truncate
+        the rest away."""
         span = self.geom.bitmap_size + self.geom.block_size
         end = max([o + n for o, n, _ in self.geom.metadata()] +
                   [e * SECTOR + span for e in self.bat if e != UNUSED])
         end = _round_up(end, SECTOR)
         if end < self._end:
             self.file.pwrite(self.geom.footer, end)
-            self.file.flush()
             self.file.truncate(end + SECTOR)
             self._end = end
 
@@ -796,7 +796,7 @@ class VhdDisk(Disk):
             report.total_clusters = geom.bat_entries
             report.allocated_clusters = sum(e != UNUSED for e in bat)
             disk = cls(file, geom, bat, repair is None)
-            disk._check_footers(report, repair == "all")
+            disk._check_footers(report, repair)
             bad = set()
             for field, message in block_problems(geom, bat, file.size()):
                 report.corrupt(f"{field}: {message}")
@@ -809,16 +809,18 @@ class VhdDisk(Disk):
             file.close()
 
     def _check_footers(self, report, repair):
+        """A lost end footer is harmless (the copy stands in), like a
+        leak; a lost copy stops qemu, which reads the copy first."""
         geom = self.geom
         if not geom.footer_at_end:
             if repair:
                 self._write_end_footer()
-                report.corruptions_fixed += 1
+                report.leaks_fixed += 1
             else:
-                report.corrupt("footer: missing or damaged at the end of "
-                               "the file (the copy at offset 0 is valid)")
+                report.leak("footer: missing at the end of the file (the "
+                            "copy at offset 0 stands in)")
         if not geom.copy_valid:
-            if repair:
+            if repair == "all":
                 self.file.pwrite(geom.footer, 0)
                 self.file.flush()
                 report.corruptions_fixed += 1

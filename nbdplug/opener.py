@@ -12,6 +12,7 @@ import os
 import stat
 
 from . import policy as _policy
+from . import remote
 from .locking import ImageLock
 from .errors import ImageError, PolicyError, UnsupportedFeature, UsageError
 from .hostfile import HostFile
@@ -91,8 +92,12 @@ def open_image(path, format=None, readonly=True, policy=None, direct=False,
     `options` are format-specific (e.g. a qcow2 snapshot to open);
     `file_factory` replaces HostFile (the crash-state tests record I/O);
     `share` reads an image others may be writing (qemu's --force-share).
+    An NBD URI (nbd://, nbds://, nbd+unix://...) opens a remote export.
     """
+    if remote.is_uri(path):
+        return remote.NbdDisk.open(path, format, readonly, options)
     _known(format)
+    path, format = _ram_name(path, format)
     ctx = _context(path, policy, direct, options, file_factory)
     ctx.share = share
     return _open(path, format, readonly, ctx)
@@ -102,6 +107,18 @@ def _known(fmt):
     if fmt is not None and fmt not in FORMATS:
         raise UsageError(f"unknown format {fmt!r} (known: "
                          + ", ".join(sorted(FORMATS)) + ")")
+
+
+def _ram_name(path, fmt, create=False):
+    """`ram:NAME` (or, when creating with -f ram, a bare NAME) names a
+    shared RAM disk: its file and format (see ram.py)."""
+    ram = FORMATS.get("ram")
+    named = isinstance(path, str) and path.startswith("ram:")
+    if ram is None or not (named or (create and fmt == "ram")):
+        return path, fmt
+    if fmt not in (None, "ram"):
+        raise UsageError(f"{path}: a RAM disk has format ram, not {fmt}")
+    return ram.path_for(path), "ram"
 
 
 def _context(path, policy, direct=False, options=None,
@@ -115,6 +132,7 @@ def check_image(path, format=None, repair=None, policy=None):
     metadata; returns a check.CheckReport.  Raises UnsupportedFeature for
     formats without a check."""
     _known(format)
+    path, format = _ram_name(path, format)
     check_openable(path)
     fmt = format or probe(path) or "raw"
     driver = FORMATS[fmt]
@@ -136,8 +154,10 @@ def _open(path, fmt, readonly, ctx):
             fmt = "raw"
     lock = None
     try:
-        # Locked before the driver reads a byte, as qemu does (locking.py).
-        lock = ImageLock(path, readonly, ctx.share)
+        # Locked before the driver reads a byte, as qemu does (locking.py);
+        # a RAM disk is meant to be written by several servers at once.
+        if fmt != "ram":
+            lock = ImageLock(path, readonly, ctx.share)
         disk = FORMATS[fmt].open(path, readonly, ctx)
     except BaseException as e:
         if lock is not None:
@@ -145,7 +165,8 @@ def _open(path, fmt, readonly, ctx):
         if isinstance(e, OSError):
             raise ImageError(path, fmt, e.strerror or str(e)) from None
         raise
-    _unlock_on_close(disk, lock)
+    if lock is not None:
+        _unlock_on_close(disk, lock)
     return disk
 
 
@@ -191,6 +212,7 @@ def create_image(path, fmt, size, options=None, backing=None,
                  backing_fmt=None, policy=None):
     """Create a new image; `size` may be None when a backing file gives it."""
     _known(fmt)
+    path, fmt = _ram_name(path, fmt, create=True)
     if fmt is None:
         raise UsageError("the format of a new image is needed (-f)")
     if os.path.lexists(path):

@@ -2,6 +2,7 @@
 
     tapbridge serve-shm DIR IMAGE [-f FMT] [--order N]
         [--protocol x86_64-abi|x86_32-abi] [--readonly] [--workers N]
+    tapbridge serve-xen [--domid N] [--xenstore SOCKET] [--workers N]
 
 A user error prints one line and exits 2; a frontend that overruns its
 ring stops that ring with one line and exit status 1; SIGTERM finishes the
@@ -21,9 +22,9 @@ from .abi import PROTOCOLS, X86_64
 from .dispatch import DEFAULT_WORKERS, Dispatcher
 from .ring import RingOverrun
 from .shm import RING, ShmTransport
+from .vbd import MAX_RING_PAGE_ORDER
 
 PROG = "tapbridge"
-MAX_RING_PAGE_ORDER = 4     # as blkback and QEMU (XENBUS_MAX_RING_GRANT_ORDER)
 
 
 def cmd_serve_shm(args):
@@ -61,6 +62,36 @@ def _serve(dispatcher, where):
     return 0
 
 
+def cmd_serve_xen(args):
+    """The vbd backend daemon: serve every block-tapbridge device of this
+    domain until SIGTERM."""
+    import pyxs
+    from .vbd import VbdBackend, Xenstore
+    from .xen import XenTransport
+    try:
+        xs = Xenstore(args.xenstore)
+    except pyxs.PyXSError as e:
+        raise UsageError(f"cannot reach xenstored: {e}") from None
+    backend = VbdBackend(xs, XenTransport, domid=args.domid,
+                         workers=args.workers)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: backend.stop())
+    try:
+        backend.run()
+    finally:
+        xs.close()
+
+
+def _args_serve_xen(p):
+    p.add_argument("--domid", type=int, default=0,
+                   help="the domain we serve from (default 0)")
+    p.add_argument("--xenstore", metavar="SOCKET",
+                   help="xenstored's socket (default: $XENSTORED_PATH or "
+                   "/var/run/xenstored/socket)")
+    p.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
+                   help="threads calling the image driver, per device")
+
+
 def _args_serve_shm(p):
     p.add_argument("-f", dest="format", choices=sorted(FORMATS),
                    metavar="FMT", help="image format (" +
@@ -80,6 +111,8 @@ VERBS = [
     ("serve-shm", cmd_serve_shm, _args_serve_shm,
      "serve-shm DIR IMAGE [-f FMT] [--order N] "
      "[--protocol x86_64-abi|x86_32-abi] [--readonly] [--workers N]"),
+    ("serve-xen", cmd_serve_xen, _args_serve_xen,
+     "serve-xen [--domid N] [--xenstore SOCKET] [--workers N]"),
 ]
 
 

@@ -66,16 +66,17 @@ class Rejected(Exception):
 
 
 class Request:
-    """A validated private copy of one ring request."""
+    """A validated private copy of one ring request.  `operation` is what
+    to do and what the response echoes (an indirect request's inner
+    operation)."""
 
-    __slots__ = ("id", "operation", "kind", "offset", "length",
-                 "segments", "secure")
+    __slots__ = ("id", "operation", "offset", "length", "segments",
+                 "secure")
 
-    def __init__(self, req_id, operation, kind, offset, length,
-                 segments=(), secure=False):
+    def __init__(self, req_id, operation, offset, length, segments=(),
+                 secure=False):
         self.id = req_id
-        self.operation = operation      # echoed in the response
-        self.kind = kind                # what to do (indirect: its op)
+        self.operation = operation
         self.offset = offset
         self.length = length
         self.segments = segments
@@ -159,7 +160,7 @@ class Dispatcher:
             self._complain("request %#x (operation %d): %s", req_id, op, e)
             self._respond(req_id, op, e.status, inflight=False)
             return
-        if req.kind == BLKIF_OP_WRITE_BARRIER:
+        if req.operation == BLKIF_OP_WRITE_BARRIER:
             # Everything before the barrier completes first; nothing after
             # it is consumed until it is durable.
             self._drain()
@@ -191,7 +192,7 @@ class Dispatcher:
         if not least <= nseg <= abi.BLKIF_MAX_SEGMENTS_PER_REQUEST:
             raise Rejected(BLKIF_RSP_ERROR, f"{nseg} segments")
         segments = [s[:3] for s in _SEGMENT.iter_unpack(req.seg)][:nseg]
-        return self._rw(req.id, op, op, req.sector_number, segments)
+        return self._rw(req.id, op, req.sector_number, segments)
 
     def _parse_indirect(self, raw):
         req = self.protocol.indirect.unpack_from(raw)
@@ -211,10 +212,10 @@ class Dispatcher:
             raise Rejected(BLKIF_RSP_ERROR, str(e)) from None
         segments = [s[:3] for s in _SEGMENT.iter_unpack(
             pages[:nseg * _SEGMENT.size])]
-        return self._rw(req.id, op, op, req.sector_number, segments)
+        return self._rw(req.id, op, req.sector_number, segments)
 
-    def _rw(self, req_id, operation, kind, sector, segments):
-        if kind in _WRITES and self.readonly:
+    def _rw(self, req_id, operation, sector, segments):
+        if operation in _WRITES and self.readonly:
             raise Rejected(BLKIF_RSP_ERROR, "write to a read-only disk")
         length = 0
         for _, first, last in segments:
@@ -223,7 +224,7 @@ class Dispatcher:
                                f"segment sectors {first}..{last}")
             length += (last - first + 1) * SECTOR_SIZE
         offset = self._range(sector, length)
-        return Request(req_id, operation, kind, offset, length, segments)
+        return Request(req_id, operation, offset, length, segments)
 
     def _parse_discard(self, raw):
         req = self.protocol.discard.unpack_from(raw)
@@ -235,8 +236,8 @@ class Dispatcher:
         offset = self._range(req.sector_number, length)
         secure = bool(req.flag & abi.BLKIF_DISCARD_SECURE) and \
             self.can_secure_discard
-        return Request(req.id, BLKIF_OP_DISCARD, BLKIF_OP_DISCARD, offset,
-                       length, secure=secure)
+        return Request(req.id, BLKIF_OP_DISCARD, offset, length,
+                       secure=secure)
 
     def _range(self, sector, length):
         offset = sector * SECTOR_SIZE
@@ -259,19 +260,19 @@ class Dispatcher:
 
     def _execute(self, req):
         """Run one request on the disk; its response status."""
-        disk, kind = self.disk, req.kind
+        disk, op = self.disk, req.operation
         try:
-            if kind == BLKIF_OP_READ:
+            if op == BLKIF_OP_READ:
                 buf = self.transport.buffer(req.segments, True)
                 disk.pread(buf.view, req.offset)
                 buf.finish()
-            elif kind == BLKIF_OP_DISCARD:
+            elif op == BLKIF_OP_DISCARD:
                 self._discard(req)
             else:
                 if req.segments:
                     buf = self.transport.buffer(req.segments, False)
                     disk.pwrite(buf.view, req.offset)
-                if kind != BLKIF_OP_WRITE:
+                if op != BLKIF_OP_WRITE:
                     disk.flush()
             return BLKIF_RSP_OKAY
         except Exception as e:      # the guest gets a status, we a log line

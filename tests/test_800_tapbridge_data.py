@@ -15,7 +15,7 @@ import pytest
 
 from nbdplug import open_image
 from tapbridge.abi import (BLKIF_OP_DISCARD, BLKIF_OP_FLUSH_DISKCACHE,
-                           BLKIF_OP_INDIRECT, BLKIF_OP_READ, BLKIF_OP_WRITE,
+                           BLKIF_OP_READ, BLKIF_OP_WRITE,
                            BLKIF_OP_WRITE_BARRIER, BLKIF_RSP_EOPNOTSUPP,
                            BLKIF_RSP_ERROR, BLKIF_RSP_OKAY)
 

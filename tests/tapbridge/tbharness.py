@@ -2,7 +2,7 @@
 installed headers (the ABI probe and a frontend on ring.h's macros),
 and drivers for the frontend and for `tapbridge serve-shm`.
 
-    fe = Frontend(shm_dir, order=2, protocol="x86_32", start=2**32 - 5)
+    fe = Frontend(shm_dir, order=2, protocol="x86_32-abi", start=2**32 - 5)
     be = Backend(shm_dir, image, order=2, protocol="x86_32-abi")
     fe.req(BLKIF_OP_WRITE, 0xdead, sector=8, segs=[(3, 0, 7)])
     fe.push()
@@ -21,6 +21,9 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
+
+import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
@@ -310,3 +313,77 @@ class WatchedDisk:
         return self._call("zero", count, offset,
                           lambda: self.disk.zero(count, offset, may_trim,
                                                  fua))
+
+
+def wait_for(predicate, timeout=10, what="condition"):
+    """Poll `predicate` until true; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+BACKEND = "/local/domain/0/backend/vbd/{domid}/{devid}"
+FRONTEND = "/local/domain/{domid}/device/vbd/{devid}"
+
+
+def libxl_add_vbd(xs, target, domid=1, devid=51712, mode="w",
+                  script="/etc/xen/scripts/block-tapbridge"):
+    """The keys libxl's device_disk_add writes, in one transaction, for
+    `disk = ['backendtype=phy,script=...,target=TARGET']`."""
+    be, fe = BACKEND.format(domid=domid, devid=devid), \
+        FRONTEND.format(domid=domid, devid=devid)
+    values = {f"{be}/{k}": v for k, v in {
+        "frontend": fe, "frontend-id": domid, "online": 1, "removable": 0,
+        "bootable": 1, "state": 1, "dev": "xvda", "type": "phy",
+        "mode": mode, "device-type": "disk", "params": target,
+        "script": script, "discard-enable": 1,
+        "specification": "xen"}.items()}
+    values.update({f"{fe}/{k}": v for k, v in {
+        "backend": be, "backend-id": 0, "state": 1,
+        "virtual-device": devid, "device-type": "disk",
+        "trusted": 1}.items()})
+    xs.write_all(values)
+    return be, fe
+
+
+@pytest.fixture
+def xs():
+    """A xenstore server for the test; clients find it via its path."""
+    from xsserver import XenstoreServer
+    d = tempfile.mkdtemp(prefix="xs.")      # short: sun_path
+    with XenstoreServer(os.path.join(d, "socket")) as server:
+        yield server
+    os.rmdir(d)
+
+
+def hotplug(xs, script, command, xenbus_path="backend/vbd/1/51712"):
+    """Run a hotplug script with the environment libxl's get_hotplug_env
+    gives it, and the venv's nbdplug on PATH."""
+    env = {"PATH": os.path.dirname(sys.executable) + ":" +
+           os.environ["PATH"], "XENSTORED_PATH": xs.path,
+           "script": script, "XENBUS_TYPE": "vbd",
+           "XENBUS_BASE_PATH": "backend"}
+    if xenbus_path is not None:
+        env["XENBUS_PATH"] = xenbus_path
+    return subprocess.run([script, command], stdin=subprocess.DEVNULL,
+                          env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.fixture
+def odd_dir(tmp_path):
+    """A directory whose name has the commas and colons target= allows."""
+    d = tmp_path / "vm,disks:a"
+    d.mkdir()
+    return d
+
+
+def qcow2_with_data(path):
+    """A 16 MiB qcow2 written by qemu-io: 0x3c over [1 MiB, 1 MiB + 64k)."""
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path),
+                    "16M"], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x3c 1M 64k",
+                    str(path)], check=True, capture_output=True)
+    return str(path)

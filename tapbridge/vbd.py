@@ -1,0 +1,353 @@
+"""The xenstore side of a vbd backend: blkback's state machine for the
+devices xl gives to the block-tapbridge hotplug script.
+
+    /local/domain/<us>/backend/vbd/<frontend domid>/<devid>/  (ours)
+    <frontend>/ (its "frontend" key)                          (the guest's)
+
+- A new device is probed at once: the features known before opening the
+  image are written and the state goes to InitWait, which libxl waits for
+  before it runs the hotplug script.
+- When the hotplug script said hotplug-status=connected (having written
+  the image's physical-device-path and tapbridge-format) and the frontend
+  is Initialised (or already Connected), we read its ring-ref(s),
+  event-channel and protocol, open the image, map the ring, write
+  sectors, info and the features in one transaction with state
+  Connected, and serve the ring on a Dispatcher thread.
+- Frontend Closing -> Closing; frontend Closed -> disconnect, Closed,
+  and forget the device if online is 0 (the toolstack is removing it);
+  a frontend that returns to Initialising after Closed (a guest reboot)
+  gets InitWait again and reconnects with its new ring.
+
+Every watch event re-evaluates the device from what xenstore says now,
+because events coalesce and arrive in any order.  The xenstore client is
+pyxs over the xenstored socket; nothing here knows which server answers.
+"""
+
+import errno
+import logging
+import os
+import queue
+import threading
+
+import pyxs
+
+from nbdplug.errors import ImageError
+from nbdplug.opener import open_image
+
+from . import abi
+from .abi import (PROTOCOL_DEFAULT, PROTOCOLS, VDISK_CDROM, VDISK_READONLY,
+                  VDISK_REMOVABLE, XenbusStateClosed, XenbusStateClosing,
+                  XenbusStateConnected, XenbusStateInitialised,
+                  XenbusStateInitialising, XenbusStateInitWait,
+                  XenbusStateUnknown)
+from .dispatch import (DEFAULT_WORKERS, DISCARD_GRANULARITY,
+                       MAX_INDIRECT_SEGMENTS, Dispatcher)
+from .ring import RingOverrun
+
+log = logging.getLogger("tapbridge")
+
+SCRIPT = "block-tapbridge"      # the devices we serve name this script
+MAX_RING_PAGE_ORDER = 4         # as blkback and QEMU
+COMMIT_ATTEMPTS = 20
+
+
+class XenstoreError(Exception):
+    pass
+
+
+class Xenstore:
+    """pyxs with str paths and values: None for a missing node."""
+
+    def __init__(self, socket_path=None):
+        self.client = pyxs.Client(unix_socket_path=socket_path)
+        self.client.connect()
+        self.monitor = self.client.monitor()
+
+    def read(self, path):
+        try:
+            return self.client.read(path.encode()).decode()
+        except pyxs.PyXSError as e:
+            if e.args[0] == errno.ENOENT:
+                return None
+            raise
+
+    def list(self, path):
+        try:
+            return [n.decode() for n in self.client.list(path.encode())]
+        except pyxs.PyXSError as e:
+            if e.args[0] == errno.ENOENT:
+                return []
+            raise
+
+    def write(self, path, value):
+        self.client.write(path.encode(), str(value).encode())
+
+    def write_all(self, values):
+        """Write {path: value} in one transaction, retried on EAGAIN."""
+        for _ in range(COMMIT_ATTEMPTS):
+            self.client.transaction()
+            try:
+                for path, value in values.items():
+                    self.write(path, value)
+            except BaseException:
+                self.client.rollback()
+                raise
+            if self.client.commit():
+                return
+        raise XenstoreError("transaction failed with EAGAIN "
+                            f"{COMMIT_ATTEMPTS} times")
+
+    def watch(self, path, token):
+        self.monitor.watch(path.encode(), token.encode())
+
+    def unwatch(self, path, token):
+        self.monitor.unwatch(path.encode(), token.encode())
+
+    def next_event(self, timeout):
+        """(path, token) of the next watch event, or None after timeout."""
+        try:
+            event = self.monitor.events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        return event.path.decode(), event.token.decode()
+
+    def close(self):
+        self.client.close()
+
+
+class DeviceError(Exception):
+    """The frontend asked for something we cannot serve."""
+
+
+class Device:
+    """One vbd: the backend directory `path`, re-evaluated on each event."""
+
+    def __init__(self, backend, path):
+        self.backend = backend
+        self.xs = backend.xs
+        self.path = path
+        self.state = None           # what we last wrote to state
+        self.frontend = None        # the frontend directory we watch
+        self.retired = False        # closed for good; wait for rm
+        self.serving = None         # (dispatcher, thread, transport, disk)
+
+    def key(self, name):
+        return self.xs.read(f"{self.path}/{name}")
+
+    def switch(self, state):
+        self.xs.write(f"{self.path}/state", state)
+        self.state = state
+
+    def update(self):
+        if self.retired:
+            return
+        if os.path.basename(self.key("script") or "") != SCRIPT:
+            self.retired = True     # another backend's device
+            return
+        if self.frontend is None:
+            self.frontend = self.key("frontend")
+            if self.frontend:
+                self.xs.watch(f"{self.frontend}/state", self.path)
+        if self.state is None:
+            self.probe()
+        fe_state = self.xs.read(f"{self.frontend}/state") \
+            if self.frontend else None
+        fe_state = int(fe_state) if fe_state else XenbusStateUnknown
+        if fe_state in (XenbusStateInitialised, XenbusStateConnected):
+            if self.state == XenbusStateInitWait and \
+                    self.key("hotplug-status") == "connected":
+                self.connect()
+        elif fe_state == XenbusStateClosing:
+            if self.state not in (XenbusStateClosing, XenbusStateClosed):
+                self.switch(XenbusStateClosing)
+        elif fe_state in (XenbusStateClosed, XenbusStateUnknown):
+            self.disconnect()
+            if self.state != XenbusStateClosed:
+                self.switch(XenbusStateClosed)
+            if self.key("online") != "1" or fe_state == XenbusStateUnknown:
+                self.retire()
+        elif fe_state == XenbusStateInitialising and \
+                self.state == XenbusStateClosed:
+            log.info("%s: frontend reinitialising, ready to reconnect",
+                     self.path)
+            self.switch(XenbusStateInitWait)
+
+    def probe(self):
+        """Say what we can do before the image is open, then InitWait:
+        libxl waits for that state before running the hotplug script."""
+        self.xs.write_all({
+            f"{self.path}/feature-max-indirect-segments":
+                MAX_INDIRECT_SEGMENTS,
+            f"{self.path}/max-ring-page-order": MAX_RING_PAGE_ORDER,
+            f"{self.path}/state": XenbusStateInitWait})
+        self.state = XenbusStateInitWait
+
+    def connect(self):
+        try:
+            self._connect()
+        except (DeviceError, ImageError, OSError) as e:
+            self.fatal(str(e))
+
+    def _connect(self):
+        fe = self.frontend
+        domid = int(self.key("frontend-id"))
+        order = int(self.xs.read(f"{fe}/ring-page-order") or 0)
+        if not 0 <= order <= MAX_RING_PAGE_ORDER:
+            raise DeviceError(f"ring-page-order {order} is above "
+                              f"{MAX_RING_PAGE_ORDER}")
+        if int(self.xs.read(f"{fe}/multi-queue-num-queues") or 1) != 1:
+            raise DeviceError("multi-queue was not offered")
+        if self.xs.read(f"{fe}/ring-page-order") is None:
+            names = ["ring-ref"]
+        else:
+            names = [f"ring-ref{i}" for i in range(1 << order)]
+        refs = []
+        for name in names:
+            value = self.xs.read(f"{fe}/{name}")
+            if value is None:
+                raise DeviceError(f"frontend wrote no {name}")
+            refs.append(int(value))
+        port = self.xs.read(f"{fe}/event-channel")
+        if port is None:
+            raise DeviceError("frontend wrote no event-channel")
+        proto = self.xs.read(f"{fe}/protocol")
+        if proto is None:
+            log.warning("%s: no protocol key, assuming %s", self.path,
+                        PROTOCOL_DEFAULT)
+            proto = PROTOCOL_DEFAULT
+        if proto not in PROTOCOLS:
+            raise DeviceError(f"unknown protocol {proto!r}")
+        readonly = self.key("mode") != "w"
+        # The hotplug script resolved xl's target (params) into these.
+        path = self.key("physical-device-path")
+        fmt = self.key("tapbridge-format") or None
+        disk = open_image(path, fmt, readonly=readonly)
+        try:
+            transport = self.backend.transport_factory(domid, refs, order,
+                                                       int(port))
+            try:
+                dispatcher = Dispatcher(disk, transport, PROTOCOLS[proto],
+                                        readonly=readonly,
+                                        workers=self.backend.workers)
+            except BaseException:
+                transport.close()
+                raise
+        except BaseException:
+            disk.close()
+            raise
+        thread = threading.Thread(target=self._serve, args=(dispatcher,),
+                                  name=f"tapbridge {self.path}", daemon=True)
+        self.serving = (dispatcher, thread, transport, disk)
+        thread.start()
+        info = (VDISK_READONLY if readonly else 0) | \
+            (VDISK_CDROM if self.key("device-type") == "cdrom" else 0) | \
+            (VDISK_REMOVABLE if self.key("removable") == "1" else 0)
+        p = self.path
+        self.xs.write_all({
+            f"{p}/feature-flush-cache": 1,
+            f"{p}/feature-barrier": 1,
+            f"{p}/feature-persistent": 0,
+            f"{p}/feature-discard": int(dispatcher.can_discard),
+            f"{p}/discard-granularity": DISCARD_GRANULARITY,
+            f"{p}/discard-alignment": 0,
+            f"{p}/discard-secure": int(dispatcher.can_secure_discard),
+            f"{p}/sectors": disk.size // abi.SECTOR_SIZE,
+            f"{p}/sector-size": abi.SECTOR_SIZE,
+            f"{p}/physical-sector-size": abi.SECTOR_SIZE,
+            f"{p}/info": info,
+            f"{p}/state": XenbusStateConnected})
+        self.state = XenbusStateConnected
+        log.info("%s: connected to domain %d (%s, %d ring pages) serving %s",
+                 self.path, domid, proto, 1 << order, path)
+
+    def _serve(self, dispatcher):
+        try:
+            dispatcher.serve()
+        except RingOverrun as e:
+            log.error("%s: %s; ring halted", self.path, e)
+
+    def disconnect(self):
+        if self.serving is None:
+            return
+        dispatcher, thread, transport, disk = self.serving
+        self.serving = None
+        dispatcher.stop()
+        thread.join()
+        dispatcher.close()
+        transport.close()
+        disk.close()
+        log.info("%s: disconnected", self.path)
+
+    def fatal(self, message):
+        """As xenbus_dev_fatal: say why under error/, then Closing."""
+        log.error("%s: %s", self.path, message)
+        home = self.path.split("/backend/", 1)[0]
+        self.xs.write(f"{home}/error/backend/{self.path.split('/backend/')[1]}"
+                      "/error", message)
+        self.switch(XenbusStateClosing)
+
+    def retire(self):
+        self.disconnect()
+        if self.frontend:
+            self.xs.unwatch(f"{self.frontend}/state", self.path)
+        self.retired = True
+
+
+class VbdBackend:
+    """Every block-tapbridge vbd of domain `domid`, until stop()."""
+
+    def __init__(self, xs, transport_factory, domid=0,
+                 workers=DEFAULT_WORKERS):
+        self.xs = xs
+        self.transport_factory = transport_factory
+        self.workers = workers
+        self.root = f"/local/domain/{domid}/backend/vbd"
+        self.devices = {}
+        self._stop = threading.Event()
+
+    def run(self):
+        self.xs.watch(self.root, self.root)
+        try:
+            while not self._stop.is_set():
+                event = self.xs.next_event(0.5)
+                if event is not None:
+                    self.handle(*event)
+        finally:
+            for device in self.devices.values():
+                device.disconnect()
+
+    def stop(self):
+        self._stop.set()
+
+    def handle(self, path, token):
+        if token != self.root:          # a frontend's state: token is ours
+            device = self.devices.get(token)
+            if device is not None:
+                device.update()
+            return
+        parts = path[len(self.root):].strip("/").split("/")
+        if len(parts) >= 2:
+            self.update(f"{self.root}/{parts[0]}/{parts[1]}")
+        else:                           # a domain's or every device dir
+            for fe in self.xs.list(self.root):
+                for devid in self.xs.list(f"{self.root}/{fe}"):
+                    self.update(f"{self.root}/{fe}/{devid}")
+            for gone in set(self.devices) - self._existing():
+                self.update(gone)
+
+    def _existing(self):
+        return {f"{self.root}/{fe}/{devid}"
+                for fe in self.xs.list(self.root)
+                for devid in self.xs.list(f"{self.root}/{fe}")}
+
+    def update(self, path):
+        device = self.devices.get(path)
+        if self.xs.read(f"{path}/state") is None:   # removed
+            if device is not None:
+                if not device.retired:
+                    device.retire()
+                del self.devices[path]
+            return
+        if device is None:
+            device = self.devices[path] = Device(self, path)
+        device.update()

@@ -1,0 +1,124 @@
+"""The `nbdplug` command with the dom0 verbs: attach, mount, umount,
+list, detach.  nbdplug.cli owns the table and the error handling; this
+adds verbs that need pyudev and pyparted, which nbdplug must not import."""
+
+import json
+import sys
+
+from nbdplug import cli
+
+from . import attach as _attach
+from . import mount as _mount
+from . import state
+
+
+def _print_attached(record):
+    print(record["device"])
+    for p in record["partitions"]:
+        print(f"p{p['number']} {p['device']}")
+
+
+def cmd_attach(args):
+    record = _attach.attach(args.image, args.format, args.readonly,
+                            args.force_share, args.via, cli._policy(args))
+    _print_attached(record)
+
+
+def cmd_mount(args):
+    record, dev = _mount.mount(args.image, args.mountpoint, args.format,
+                               args.partition, args.readonly,
+                               args.force_share, args.options, args.via,
+                               cli._policy(args))
+    print(f"{dev} mounted on {args.mountpoint}")
+
+
+def cmd_umount(args):
+    _mount.umount(args.mountpoint)
+
+
+def cmd_list(args):
+    with state.locked():
+        records = state.load_all()
+    entries = [{"image": r["image"], "format": r["format"],
+                "readonly": r["readonly"], "via": r["via"],
+                "device": r.get("device"),
+                "partitions": {f"p{p['number']}": p.get("device")
+                               for p in r.get("partitions", [])},
+                "mounts": r.get("mounts", []),
+                "server-pid": r.get("server_pid"),
+                "alive": _attach.alive(r)} for r in records]
+    if args.output == "json":
+        print(json.dumps(entries, indent=4))
+        return
+    for e in entries:
+        parts = " ".join(f"{k}={v}" for k, v in e["partitions"].items())
+        print(f"{e['device'] or '-'} {e['image']} {e['format']} "
+              f"{'ro' if e['readonly'] else 'rw'} via={e['via']} "
+              f"pid={e['server-pid']} "
+              f"{'alive' if e['alive'] else 'DEAD (detach cleans it)'}"
+              + (f" {parts}" if parts else "")
+              + "".join(f" mounted={m}" for m in e["mounts"]))
+
+
+def cmd_detach(args):
+    if args.all == bool(args.target):
+        raise cli.UsageError("give DEV|IMAGE or --all")
+    for r in _attach.detach(args.target, everything=args.all):
+        print(f"detached {r.get('device') or '-'} ({r['image']})")
+
+
+def _args_attach_common(p):
+    cli._add_format(p)
+    p.add_argument("--readonly", "-r", action="store_true")
+    p.add_argument("--force-share", "-U", action="store_true",
+                   help="read an image another process holds (with -r)")
+    p.add_argument("--via", choices=_attach.VIA,
+                   help="kernel NBD or nbdfuse + loop (default: nbd if the "
+                   "kernel has it)")
+    cli._add_policy(p)
+    p.add_argument("image")
+
+
+def _args_attach(p):
+    _args_attach_common(p)
+
+
+def _args_mount(p):
+    _args_attach_common(p)
+    p.add_argument("mountpoint")
+    p.add_argument("--partition", "-P", type=int, metavar="N")
+    p.add_argument("-o", dest="options", metavar="OPTS",
+                   help="extra mount options (nodev,nosuid always)")
+
+
+def _args_umount(p):
+    p.add_argument("mountpoint")
+
+
+def _args_list(p):
+    p.add_argument("--output", choices=("human", "json"), default="human")
+
+
+def _args_detach(p):
+    p.add_argument("--all", action="store_true",
+                   help="every attachment, mounted or not, live or dead")
+    p.add_argument("target", nargs="?", metavar="DEV|IMAGE")
+
+
+VERBS = cli.VERBS + [
+    ("attach", cmd_attach, _args_attach,
+     "attach IMAGE [-f FMT] [--readonly] [--force-share] [--via nbd|loop]"),
+    ("mount", cmd_mount, _args_mount,
+     "mount IMAGE DIR [-f FMT] [--partition N] [--readonly] [-o OPTS]"),
+    ("umount", cmd_umount, _args_umount, "umount DIR"),
+    ("list", cmd_list, _args_list, "list [--output=human|json]"),
+    ("detach", cmd_detach, _args_detach, "detach DEV|IMAGE | --all"),
+]
+
+
+def main(argv=None):
+    return cli.main(argv, VERBS)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -4,13 +4,22 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test test-kernel install demo bench clean
 
 setup:
 	@./tools/setup.sh
 
 test: setup
 	$(PY) -m pytest -q
+
+# The tests marked kernel, inside Debian's stock kernel under QEMU.
+test-kernel: setup
+	./tools/kernel-lane.sh
+
+# udev rules that keep automounters and blkid away from our devices.
+install:
+	install -m 644 hotplug/rules/*.rules /etc/udev/rules.d/
+	-udevadm control --reload
 
 demo: setup
 	@PATH="$(CURDIR)/$(VENV)/bin:$$PATH" ./tools/demo.sh

@@ -12,7 +12,7 @@ import os
 import re
 import sys
 
-from . import server
+from . import exports, server
 from .check import EXIT_UNSUPPORTED
 from .errors import ImageError, UnsupportedFeature, UsageError
 from .opener import FORMATS, check_image, create_image, open_image
@@ -237,42 +237,32 @@ def cmd_check(args):
 # --- serve / stop -----------------------------------------------------
 
 def cmd_serve(args):
-    if args.socket and args.listen:
-        raise UsageError("give --socket or --listen, not both")
-    readonly = args.readonly
-    host = port = sock = None
-    if args.listen:
-        host, port = server.parse_listen(args.listen)
-        if not server.is_loopback(host) and not args.insecure:
-            raise UsageError(f"refusing to listen on {host} without TLS; "
-                             "say --insecure to serve in clear text")
-    else:
-        sock = (os.path.abspath(args.socket) if args.socket
-                else server.new_socket_path(args.image))
-    # Open once here so a bad image is one clear line, not an nbdkit log.
-    with open_image(args.image, args.format, readonly=readonly,
-                    policy=_policy(args)) as disk:
-        fmt = disk.format_name
-    argv = ["nbdkit"] + server.listen_args(sock, host, port)
-    if readonly:
-        argv.append("-r")
-    uri = server.unix_uri(sock) if sock else server.tcp_uri(host, port)
-    plugin = server.plugin_args(args.image, fmt, readonly=readonly,
-                                direct=args.direct,
-                                backing_roots=args.backing_root or (),
-                                no_backing=args.no_backing)
-    pidfile = server.pidfile_for(sock, host, port)
-    if args.foreground:
-        return server.run_foreground(argv + ["-P", pidfile] + plugin,
-                                     pidfile, uri)
-    pid = server.start_background(argv + ["-P", pidfile] + plugin, pidfile)
-    print(uri)
-    print(f"pid {pid} (stop with: {PROG} stop {sock or pidfile})")
+    cfg = (exports.load(args.config, FORMATS) if args.config
+           else exports.ServeConfig())
+    for key in ("listen", "socket", "tls_psk", "tls_certs"):
+        if getattr(args, key):
+            setattr(cfg, key, getattr(args, key))
+    cfg.tls_verify_peer |= args.tls_verify_peer
+    cfg.insecure |= args.insecure
+    cfg.allow += [a for item in args.allow or () for a in item.split(",")
+                  if a]
+    if args.image:
+        cfg.exports.insert(0, exports.Export("", args.image, args.format))
+    cfg.exports += [exports.parse_export(text, FORMATS, args.format)
+                    for text in args.export or ()]
+    for export in cfg.exports:
+        export.limit = export.limit or args.limit
+    if args.readonly and args.writable:
+        raise UsageError("give --readonly or --writable, not both")
+    writable = True if args.writable else False if args.readonly else None
+    return server.serve(cfg, writable, policy=_policy(args),
+                        direct=args.direct, foreground=args.foreground,
+                        pidfile=args.pidfile)
 
 
 def cmd_stop(args):
     target = args.target
-    if target.startswith("nbd+unix:"):
+    if target.startswith(("nbd+unix:", "nbds+unix:")):
         target = target.split("socket=", 1)[-1]
         from urllib.parse import unquote
         target = unquote(target)
@@ -357,16 +347,34 @@ def _args_check(p):
 
 def _args_serve(p):
     _add_format(p)
+    p.add_argument("--export", action="append", metavar="NAME=IMAGE[:FMT]",
+                   help="serve IMAGE as export NAME (repeatable)")
+    p.add_argument("--config", metavar="FILE",
+                   help="exports and server settings (see README)")
     p.add_argument("--socket", metavar="PATH")
-    p.add_argument("--listen", metavar="HOST:PORT")
+    p.add_argument("--listen", metavar="HOST:PORT",
+                   help="TCP address ([ADDR]:PORT for IPv6)")
     p.add_argument("--readonly", "-r", action="store_true")
+    p.add_argument("--writable", action="store_true",
+                   help="let TCP clients write (read-only by default)")
+    p.add_argument("--tls-psk", metavar="FILE",
+                   help="require TLS with these pre-shared keys (psktool)")
+    p.add_argument("--tls-certs", metavar="DIR",
+                   help="require TLS with the X.509 files in DIR")
+    p.add_argument("--tls-verify-peer", action="store_true",
+                   help="admit only clients with a certificate from the CA")
+    p.add_argument("--allow", action="append", metavar="ADDR[,ADDR]",
+                   help="admit only these client addresses or networks")
+    p.add_argument("--limit", type=int, default=0, metavar="N",
+                   help="at most N connections to each export")
     p.add_argument("--direct", action="store_true",
                    help="O_DIRECT on the image file (raw)")
     p.add_argument("--insecure", action="store_true",
                    help="allow clear-text TCP beyond loopback")
     p.add_argument("--foreground", action="store_true")
+    p.add_argument("--pidfile", metavar="PATH")
     _add_policy(p)
-    p.add_argument("image")
+    p.add_argument("image", nargs="?")
 
 
 def _args_stop(p):
@@ -388,8 +396,10 @@ VERBS = [
     ("check", cmd_check, _args_check,
      "check [-f FMT] [-r leaks|all] [--output=human|json] IMAGE"),
     ("serve", cmd_serve, _args_serve,
-     "serve IMAGE [-f FMT] [--socket PATH | --listen HOST:PORT] "
-     "[--readonly] [--foreground]"),
+     "serve [IMAGE] [-f FMT] [--export NAME=IMAGE[:FMT]]... "
+     "[--config FILE] [--socket PATH | --listen HOST:PORT] "
+     "[--readonly | --writable] [--tls-psk FILE | --tls-certs DIR "
+     "[--tls-verify-peer]] [--allow ADDR,...] [--limit N] [--foreground]"),
     ("stop", cmd_stop, _args_stop, "stop SOCKET|URI|PIDFILE"),
     ("rm-ram", cmd_rm_ram, _args_rm_ram, "rm-ram NAME"),
     ("convert", cmd_convert, _args_convert,

@@ -1,15 +1,26 @@
-"""nbdkit plugin serving any nbdplug image.
+"""nbdkit plugin serving nbdplug images: one, or several named exports.
 
     nbdkit python /path/to/nbdplug/plugin.py file=IMAGE [format=qcow2]
-        [readonly=true] [direct=true] [backing-root=DIR]... [no-backing=true]
-        [force-share=true]
+        [readonly=true] [snapshot=NAME] [force-share=true] [limit=N]
+        [direct=true] [backing-root=DIR]... [no-backing=true]
+        [allow=NET[,NET]...]
 
-Every callback delegates to one shared Disk, opened once in get_ready, so
-all connections see one cache and one allocator (hence multi-conn is
-safe).  Errors become the errno a client should see via nbdkit.set_error.
+    nbdkit python plugin.py export=a file=A.qcow2 format=qcow2
+        export=b file=B.raw format=raw readonly=true limit=2
+
+file, format, readonly, snapshot, force-share, limit and description
+belong to the latest export=NAME (before any, to the unnamed export "");
+direct, backing-root, no-backing and allow (client networks; others
+are refused) apply to every export.
+
+Each export's Disk is opened once in get_ready and shared by every
+connection to it, so they see one cache and one allocator (hence
+multi-conn is safe).  Every request callback delegates to it in one
+line; errors become the errno a client should see via nbdkit.set_error.
 """
 
 import errno
+import ipaddress
 import os
 import sys
 
@@ -20,41 +31,39 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(
 
 import nbdkit  # noqa: E402  (the module nbdkit embeds)
 
-from nbdplug.errors import ImageError, UsageError  # noqa: E402
+from nbdplug import connections  # noqa: E402
+from nbdplug.errors import UsageError  # noqa: E402
+from nbdplug.exports import ExportTable, parse_bool  # noqa: E402
 from nbdplug.opener import open_image  # noqa: E402
 from nbdplug.policy import OpenPolicy  # noqa: E402
 
 API_VERSION = 2
 
-_config = {"file": None, "format": None, "readonly": False,
-           "direct": False, "no-backing": False, "backing-root": [],
-           "force-share": False, "snapshot": None}
-_disk = None
-
-
-def _bool(key, value):
-    v = value.lower()
-    if v in ("1", "true", "yes", "on"):
-        return True
-    if v in ("0", "false", "no", "off"):
-        return False
-    raise UsageError(f"{key}={value}: expected true or false")
+_settings = {"direct": False, "no-backing": False, "backing-root": [],
+             "allow": []}
+_exports = ExportTable()
+_stop = connections.StopOnSignal(nbdkit.shutdown)
 
 
 def config(key, value):
-    if key in ("file", "format", "snapshot"):
-        _config[key] = value
-    elif key in ("readonly", "direct", "no-backing", "force-share"):
-        _config[key] = _bool(key, value)
+    if _exports.configure(key, value):
+        return
+    if key in ("direct", "no-backing"):
+        _settings[key] = parse_bool(key, value)
     elif key == "backing-root":
-        _config[key].append(value)
+        _settings[key].append(value)
+    elif key == "allow":
+        try:
+            _settings[key] += [ipaddress.ip_network(a, strict=False)
+                               for a in value.split(",")]
+        except ValueError as e:
+            raise UsageError(f"allow={value}: {e}") from None
     else:
         raise UsageError(f"unknown parameter {key!r}")
 
 
 def config_complete():
-    if _config["file"] is None:
-        raise UsageError("file=IMAGE is required")
+    _exports.check()
 
 
 def thread_model():
@@ -67,25 +76,50 @@ def thread_model():
 
 
 def get_ready():
-    global _disk
-    policy = OpenPolicy(roots=_config["backing-root"],
-                        no_backing=_config["no-backing"])
-    _disk = open_image(_config["file"], _config["format"],
-                       readonly=_config["readonly"], policy=policy,
-                       direct=_config["direct"], share=_config["force-share"],
-                       options={"snapshot": _config["snapshot"]}
-                       if _config["snapshot"] is not None else None)
+    policy = OpenPolicy(roots=_settings["backing-root"],
+                        no_backing=_settings["no-backing"])
+    _exports.open_all(lambda export: open_image(
+        export.image, export.format, readonly=export.writable is False,
+        policy=policy, direct=_settings["direct"], share=export.share,
+        options={"snapshot": export.snapshot} if export.snapshot else None))
+
+
+def after_fork():
+    _stop.start()
 
 
 def cleanup():
-    if _disk is not None:
-        if not _disk.readonly:
-            _disk.flush()
-        _disk.close()
+    _stop.end()
+    _exports.close_all()
+
+
+def preconnect(readonly):
+    if _settings["allow"]:
+        connections.refuse_others(_settings["allow"])
+
+
+def list_exports(readonly, is_tls):
+    return _exports.listing()
+
+
+def default_export(readonly, is_tls):
+    return _exports.default_name()
 
 
 def open(readonly):
-    return _disk
+    try:
+        return _exports.connect(nbdkit.export_name())
+    except Exception as e:
+        _fail(e)
+        raise
+
+
+def close(h):
+    _exports.disconnect(h)
+
+
+def export_description(h):
+    return _exports.description(h)
 
 
 def get_size(h):
@@ -137,15 +171,11 @@ def can_cache(h):
 
 
 def _fail(e):
-    """Choose the errno the client sees, then let nbdkit log the error."""
-    if isinstance(e, OSError) and e.errno:
-        nbdkit.set_error(e.errno)
-    elif isinstance(e, ImageError):
-        nbdkit.set_error(e.errno)
-    elif isinstance(e, MemoryError):
-        nbdkit.set_error(errno.ENOMEM)
-    else:
-        nbdkit.set_error(errno.EIO)
+    """Choose the errno the client sees, then let nbdkit log the error.
+    OSError, ImageError and ExportError carry one."""
+    code = errno.ENOMEM if isinstance(e, MemoryError) else \
+        getattr(e, "errno", None)
+    nbdkit.set_error(code if isinstance(code, int) and code else errno.EIO)
 
 
 def pread(h, buf, offset, flags):
@@ -198,3 +228,4 @@ def extents(h, count, offset, flags):
     if flags & nbdkit.FLAG_REQ_ONE:
         runs = runs[:1]
     return [(r.offset, r.length, r.flags) for r in runs]
+

@@ -1,41 +1,248 @@
 """Starting and stopping nbdkit with the nbdplug plugin.
 
 One place builds the nbdkit command line, so `nbdplug serve`, attach and
-the tests all serve images the same way.
+the tests all serve images the same way.  For `serve` it also checks what
+nbdkit would accept silently or report badly: TLS files (nbdkit takes a
+PSK file anyone may read), client allow-lists, and clear text beyond
+loopback.
 """
 
 import contextlib
+import dataclasses
 import ipaddress
 import os
 import signal
+import ssl
+import stat
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 
 from .errors import UsageError
+from .exports import Export
+from .opener import open_image
+from .remote import is_uri
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 PLUGIN = os.path.join(PACKAGE_DIR, "plugin.py")
 RUN_DIR = os.environ.get("NBDPLUG_RUN_DIR", "/run/nbdplug")
 
+# The files nbdkit reads from a --tls-certificates directory.
+CERT_FILES = ("ca-cert.pem", "server-cert.pem", "server-key.pem")
+
 
 def plugin_args(image, fmt=None, readonly=False, direct=False,
                 backing_roots=(), no_backing=False, share=False):
-    """The `python PLUGIN key=value...` part of an nbdkit command line."""
-    args = ["python", PLUGIN, f"file={os.path.abspath(image)}"]
-    if fmt:
-        args.append(f"format={fmt}")
-    if readonly:
-        args.append("readonly=true")
+    """The `python PLUGIN key=value...` part of an nbdkit command line
+    serving one image as the unnamed export."""
+    return exports_plugin_args(
+        [Export("", image, fmt, writable=not readonly, share=share)],
+        direct, backing_roots, no_backing)
+
+
+def exports_plugin_args(exports, direct=False, backing_roots=(),
+                        no_backing=False):
+    """The same for named exports (see plugin.py for the keys)."""
+    args = ["python", PLUGIN]
+    for e in exports:
+        if e.name or len(exports) > 1:
+            args.append(f"export={e.name}")
+        args.append("file=" + (e.image if is_uri(e.image)
+                               else os.path.abspath(e.image)))
+        if e.format:
+            args.append(f"format={e.format}")
+        if e.writable is False:
+            args.append("readonly=true")
+        if e.limit:
+            args.append(f"limit={e.limit}")
+        if e.description:
+            args.append(f"description={e.description}")
+        if e.snapshot:
+            args.append(f"snapshot={e.snapshot}")
+        if e.share:
+            args.append("force-share=true")
     if direct:
         args.append("direct=true")
     if no_backing:
         args.append("no-backing=true")
-    if share:
-        args.append("force-share=true")
     args += [f"backing-root={os.path.abspath(r)}" for r in backing_roots]
     return args
+
+
+def tls_args(psk=None, certs=None, verify_peer=False):
+    """nbdkit's TLS options, after checking the files it will read; TLS
+    is then required of every client (no downgrade to clear text)."""
+    if psk and certs:
+        raise UsageError("give --tls-psk or --tls-certs, not both")
+    if verify_peer and not certs:
+        raise UsageError("--tls-verify-peer needs --tls-certs (client "
+                         "certificates are checked against its CA)")
+    if psk:
+        check_psk_file(psk)
+        return ["--tls=require", f"--tls-psk={os.path.abspath(psk)}"]
+    if certs:
+        check_cert_dir(certs)
+        return (["--tls=require",
+                 f"--tls-certificates={os.path.abspath(certs)}"]
+                + (["--tls-verify-peer"] if verify_peer else []))
+    return []
+
+
+def check_secret(path, what):
+    """A key file must exist and be private to its owner, as ssh wants of
+    private keys (nbdkit itself does not look)."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise UsageError(f"{path}: {what}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"{path}: {what} is not a regular file")
+    if st.st_mode & 0o077:
+        raise UsageError(f"{path}: {what} is open to other users (mode "
+                         f"{stat.S_IMODE(st.st_mode):04o}); chmod 600 it")
+
+
+def check_psk_file(path):
+    """IDENTITY:HEXKEY lines, as psktool writes them."""
+    check_secret(path, "TLS PSK file")
+    try:
+        with open(path) as f:
+            lines = f.read(1 << 20).splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path}: TLS PSK file: "
+                         f"{getattr(e, 'strerror', None) or e}") from None
+    keys = 0
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        identity, sep, key = line.strip().partition(":")
+        try:
+            bytes.fromhex(key)
+        except ValueError:
+            sep = ""
+        if not (identity and sep and key):
+            raise UsageError(f"{path}: line {n}: expected IDENTITY:HEXKEY "
+                             "(as psktool writes)")
+        keys += 1
+    if not keys:
+        raise UsageError(f"{path}: TLS PSK file holds no keys")
+
+
+def check_cert_dir(path):
+    """The CA, the server certificate and its key, loadable and matching."""
+    if not os.path.isdir(path):
+        raise UsageError(f"{path}: TLS certificate directory: "
+                         + ("not a directory" if os.path.exists(path)
+                            else "No such file or directory"))
+    files = [os.path.join(path, name) for name in CERT_FILES]
+    for name, file in zip(CERT_FILES, files):
+        if not os.path.isfile(file):
+            raise UsageError(f"{path}: {name} is missing (a TLS certificate"
+                             " directory holds " + ", ".join(CERT_FILES)
+                             + ")")
+    ca, cert, key = files
+    check_secret(key, "TLS server key")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_verify_locations(ca)
+    except ssl.SSLError as e:
+        raise UsageError(f"{ca}: not a PEM certificate ({e.reason})") \
+            from None
+    try:
+        ctx.load_cert_chain(cert, key)
+    except ssl.SSLError as e:
+        raise UsageError(f"{path}: server-cert.pem and server-key.pem are "
+                         f"not a PEM certificate and its key ({e.reason})") \
+            from None
+
+
+def allow_args(allow):
+    """The plugin's allow= key admitting only these client addresses or
+    networks (checked here, so a typo is one line before nbdkit runs)."""
+    nets = []
+    for item in allow:
+        try:
+            nets.append(str(ipaddress.ip_network(item.strip(),
+                                                 strict=False)))
+        except ValueError:
+            raise UsageError(f"--allow {item!r}: not an IP address or "
+                             "network") from None
+    return ["allow=" + ",".join(nets)] if nets else []
+
+
+def serve(cfg, writable=None, policy=None, direct=False, foreground=False,
+          pidfile=None):
+    """Serve `cfg` (an exports.ServeConfig) with nbdkit; returns the exit
+    status.  Every export is opened once here first, so a bad image is
+    one clear line rather than an nbdkit log.  `writable` is the default
+    for exports that do not say: None means writable on a Unix socket,
+    read-only over TCP."""
+    if not cfg.exports:
+        raise UsageError("nothing to serve: give IMAGE, --export "
+                         "NAME=IMAGE or --config FILE")
+    names = [e.name for e in cfg.exports]
+    for e in cfg.exports:
+        if names.count(e.name) > 1:
+            raise UsageError(f"export {e.name!r} given twice")
+        if e.limit < 0:
+            raise UsageError(f"export {e.name!r}: a connection limit of "
+                             f"{e.limit}?  (0 is no limit)")
+    if cfg.socket and cfg.listen:
+        raise UsageError("give --socket or --listen, not both")
+    tls = tls_args(cfg.tls_psk, cfg.tls_certs, cfg.tls_verify_peer)
+    host = port = sock = None
+    if cfg.listen:
+        host, port = parse_listen(cfg.listen)
+        where = tcp_uri(host, port, tls=bool(tls))
+        if not tls and not is_loopback(host) and not cfg.insecure:
+            raise UsageError(f"refusing to listen on {host} without TLS "
+                             "(--tls-psk or --tls-certs); say --insecure "
+                             "to serve in clear text")
+    else:
+        if cfg.allow:
+            raise UsageError("--allow filters TCP clients; it needs "
+                             "--listen")
+        sock = (os.path.abspath(cfg.socket) if cfg.socket
+                else new_socket_path(cfg.exports[0].image))
+        where = sock
+    exports = _opened(cfg.exports, sock is not None if writable is None
+                      else writable, policy)
+    pidfile = pidfile or pidfile_for(sock, host, port)
+    argv = ["nbdkit", "-P", pidfile] + listen_args(sock, host, port) + tls
+    if not any(e.writable for e in exports):
+        argv.append("-r")
+    argv += exports_plugin_args(
+        exports, direct, policy.roots if policy else (),
+        policy.no_backing if policy else False) + allow_args(cfg.allow)
+    uris = [unix_uri(sock, e.name, bool(tls)) if sock
+            else tcp_uri(host, port, e.name, bool(tls)) for e in exports]
+    try:
+        if foreground:
+            return run_foreground(argv, pidfile, uris, sock)
+        pid = start_background(argv, pidfile)
+    except UsageError as e:
+        raise UsageError(f"cannot serve on {where}: {e}") from None
+    for uri in uris:
+        print(uri)
+    print(f"pid {pid} (stop with: nbdplug stop {sock or pidfile})")
+    return 0
+
+
+def _opened(exports, writable, policy):
+    """Each export with its writability settled and its format named,
+    after opening it once the way the plugin will."""
+    out = []
+    for e in exports:
+        e = dataclasses.replace(
+            e, writable=writable if e.writable is None else e.writable)
+        with open_image(e.image, e.format, readonly=not e.writable,
+                        policy=policy, share=e.share) as disk:
+            e.format = disk.format_name
+        out.append(e)
+    return out
 
 
 def nbdkit_env():
@@ -48,14 +255,17 @@ def nbdkit_env():
     return env
 
 
-def unix_uri(socket_path):
-    return "nbd+unix:///?socket=" + urllib.parse.quote(socket_path, safe="/")
+def unix_uri(socket_path, name="", tls=False):
+    return (f"nbd{'s' if tls else ''}+unix:///"
+            + urllib.parse.quote(name, safe="") + "?socket="
+            + urllib.parse.quote(socket_path, safe="/"))
 
 
-def tcp_uri(host, port):
+def tcp_uri(host, port, name="", tls=False):
     if ":" in host:
         host = f"[{host}]"
-    return f"nbd://{host}:{port}/"
+    return (f"nbd{'s' if tls else ''}://{host}:{port}/"
+            + urllib.parse.quote(name, safe=""))
 
 
 def parse_listen(text):
@@ -156,10 +366,21 @@ def start_background(argv, pidfile, timeout=30.0):
                           stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
-        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-        raise UsageError("nbdkit failed: " + (lines[-1] if lines else
-                                              f"exit {proc.returncode}"))
+        raise UsageError(nbdkit_failure(proc.stderr.splitlines(),
+                                        proc.returncode))
     return wait_pidfile(pidfile, timeout)
+
+
+def nbdkit_failure(lines, status):
+    """nbdkit's last word on why it did not start, as one line."""
+    lines = [ln.strip() for ln in lines if ln.strip()]
+    if not lines:
+        return f"nbdkit failed to start (exit status {status})"
+    last = lines[-1]
+    for prefix in ("nbdkit: ", "error: "):
+        if last.startswith(prefix):
+            last = last[len(prefix):]
+    return "nbdkit failed to start: " + last
 
 
 def wait_pidfile(pidfile, timeout=30.0, child=None):
@@ -180,18 +401,62 @@ def wait_pidfile(pidfile, timeout=30.0, child=None):
         time.sleep(0.005)
 
 
-def run_foreground(argv, pidfile, uri):
-    """Run nbdkit as our child; print `uri` once it serves (it writes the
-    pidfile after binding); pass SIGTERM/SIGINT on; return its status."""
+def run_foreground(argv, pidfile, uris, socket_path=None):
+    """Run nbdkit as our child; print `uris` once it serves (it writes the
+    pidfile after binding); pass SIGTERM/SIGINT on; return its status.
+    What nbdkit says before it serves is held back, so a failure to start
+    is one line (UsageError); after that its messages pass through.  The
+    pidfile and the socket nbdkit leaves behind are removed at the end."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(pidfile)
     proc = subprocess.Popen(argv + ["-f"], env=nbdkit_env(),
-                            stdin=subprocess.DEVNULL)
+                            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    relay = _StderrRelay(proc.stderr)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda signum, frame: proc.send_signal(signum))
-    wait_pidfile(pidfile, child=proc)
-    print(uri, flush=True)
+    try:
+        wait_pidfile(pidfile, child=proc)
+    except UsageError:
+        proc.kill()
+        proc.wait()
+        relay.join()
+        raise UsageError(nbdkit_failure(relay.held, proc.returncode)) \
+            from None
+    relay.release()
+    for uri in uris:
+        print(uri, flush=True)
     status = proc.wait()
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(pidfile)
+    relay.join()
+    for path in filter(None, (pidfile, socket_path)):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
     return 0 if status in (0, -signal.SIGTERM, -signal.SIGINT) else 1
+
+
+class _StderrRelay(threading.Thread):
+    """Holds a child's stderr lines until release(), then copies them
+    (and every later line) to our stderr."""
+
+    def __init__(self, stream):
+        super().__init__(daemon=True)
+        self.stream = stream
+        self.held = []
+        self._released = False
+        self._lock = threading.Lock()
+        self.start()
+
+    def run(self):
+        for line in self.stream:
+            with self._lock:
+                if self._released:
+                    sys.stderr.write(line)
+                    sys.stderr.flush()
+                else:
+                    self.held.append(line)
+
+    def release(self):
+        with self._lock:
+            sys.stderr.writelines(self.held)
+            sys.stderr.flush()
+            self._released = True

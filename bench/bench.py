@@ -175,6 +175,8 @@ def main():
     plan = {
         "raw": (["nbdplug", "nbdkit-file", "qemu-nbd"], "nbdkit-file"),
         "qcow2": (["nbdplug", "qemu-nbd"], "qemu-nbd"),
+        # make_image's qemu-img convert writes VMDK as monolithicSparse.
+        "vmdk": (["nbdplug", "qemu-nbd"], "qemu-nbd"),
     }
     os.makedirs(args.out, exist_ok=True)
     workdir = tempfile.mkdtemp(prefix="nbdplug-bench.", dir="/var/tmp")

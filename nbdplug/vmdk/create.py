@@ -131,11 +131,14 @@ def _options(options):
 
 def _ddb(sectors, adapter_type, hwversion):
     """The disk database: BIOS geometry as VMware derives it (16 heads
-    for IDE, 255 for SCSI adapters; 63 sectors per track)."""
+    for IDE, 255 for SCSI adapters; 63 sectors per track; IDE cylinders
+    stop at the ATA limit of 16383, where qemu does not stop)."""
     heads = 16 if adapter_type == "ide" else 255
+    cylinders = sectors // (heads * 63)
+    if adapter_type == "ide":
+        cylinders = min(cylinders, 16383)
     return {"ddb.virtualHWVersion": hwversion,
-            "ddb.geometry.cylinders": str(min(sectors // (heads * 63),
-                                              16383)),
+            "ddb.geometry.cylinders": str(cylinders),
             "ddb.geometry.heads": str(heads),
             "ddb.geometry.sectors": "63",
             "ddb.adapterType": adapter_type}

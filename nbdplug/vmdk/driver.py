@@ -22,6 +22,7 @@ either old or new.
 
 import bisect
 import os
+import sys
 import threading
 
 from ..check import CheckReport
@@ -69,7 +70,7 @@ class VmdkDisk(Disk):
         self.backing_name = desc.parent_hint if desc else None
         self._lock = threading.Lock()
         self._writing = False           # CID updated, extents marked
-        self._dirty_files = set()
+        self._dirty = set()
         self._dirty_lock = threading.Lock()
 
     # --- opening ------------------------------------------------------------
@@ -118,16 +119,14 @@ class VmdkDisk(Disk):
                 desc, base = descriptor.parse(file.read(size, 0), path), 0
                 extents = cls._open_extents(path, desc, readonly, ctx,
                                             opened, locks)
-            for ext in extents:
-                if isinstance(ext, SparseExtent):
-                    ext.scan(problem, strict or not ext.readonly)
-            disk = cls(path, readonly, desc, file, base, extents, locks)
-            if not readonly and (desc is None or desc.cid is None or
-                                 desc.cid_span is None):
+            if not readonly and (desc is None or desc.cid is None):
                 raise UnsupportedFeature(path, FMT, "no descriptor with a "
                                          "CID to update; open it read-only",
                                          "CID")
-            return disk
+            for ext in extents:
+                if isinstance(ext, SparseExtent):
+                    ext.scan(problem, strict or not ext.readonly)
+            return cls(path, readonly, desc, file, base, extents, locks)
         except BaseException:
             for f in opened:
                 f.close()
@@ -177,11 +176,11 @@ class VmdkDisk(Disk):
                                   "parentFileNameHint")
         self.backing = parent
         if parent.cid != desc.parent_cid:
-            raise CorruptImage(
-                self.path, FMT, f"{desc.parent_cid:x}, but the parent's CID "
-                f"is {parent.cid if parent.cid is None else f'{parent.cid:x}'}"
-                ": the parent changed after this delta disk was made",
-                "parentCID")
+            found = "unset" if parent.cid is None else f"{parent.cid:x}"
+            raise CorruptImage(self.path, FMT, f"{desc.parent_cid:x}, but "
+                               f"the parent's CID is {found}: the parent "
+                               "changed after this delta disk was made",
+                               "parentCID")
 
     @property
     def cid(self):
@@ -213,23 +212,27 @@ class VmdkDisk(Disk):
     def pread(self, buf, offset):
         buf = memoryview(buf)
         pos = 0
-        for ext, ext_off, n in self._split(offset, len(buf)):
-            if ext.access == "NOACCESS":
-                raise ImageError(self.path, FMT, "is NOACCESS",
-                                 f"extent at {ext.start}")
-            for state, length, where in ext.segments(ext_off, n):
-                view = buf[pos:pos + length]
-                if state == DATA:
-                    ext.file.pread(view, where)
-                elif state == UNALLOC:
-                    self._read_background(view, offset + pos)
-                elif state == ZERO:
-                    _fill_zero(view)
-                else:
-                    ext.read_compressed(view, where,
-                                        (offset + pos - ext.start) %
-                                        ext.grain)
-                pos += length
+        try:
+            for ext, ext_off, n in self._split(offset, len(buf)):
+                if ext.access == "NOACCESS":
+                    raise ImageError(self.path, FMT, "is NOACCESS",
+                                     f"extent at {ext.start}")
+                for state, length, where in ext.segments(ext_off, n):
+                    view = buf[pos:pos + length]
+                    if state == DATA:
+                        ext.file.pread(view, where)
+                    elif state == UNALLOC:
+                        self._read_background(view, offset + pos)
+                    elif state == ZERO:
+                        _fill_zero(view)
+                    else:
+                        ext.read_compressed(view, where,
+                                            (offset + pos - ext.start) %
+                                            ext.grain)
+                    pos += length
+        except CorruptImage as e:
+            self._stop_writing(e)
+            raise
 
     def _read_background(self, view, offset):
         """What an unallocated guest range shows: the parent, then zeros."""
@@ -239,16 +242,21 @@ class VmdkDisk(Disk):
             self.backing.pread(view[:n], offset)
         _fill_zero(view[n:])
 
-    def _background(self, ext):
-        def read(offset, length):
-            buf = bytearray(length)
-            self._read_background(memoryview(buf), ext.start + offset)
-            return buf
-        return read
+    def _background(self, offset, length):
+        """_read_background as a new buffer (extents fill grains with it)."""
+        buf = bytearray(length)
+        self._read_background(memoryview(buf), offset)
+        return buf
 
-    def _background_is_zero(self, ext):
-        return lambda offset, length: self.backing is None or \
-            ext.start + offset >= self.backing.size
+    def _background_is_zero(self, offset, length):
+        return self.backing is None or offset >= self.backing.size
+
+    def _stop_writing(self, error):
+        """Inconsistent metadata found while serving: say so once, and
+        take no more writes (uncleanShutdown stays set)."""
+        if not self.readonly:
+            self.readonly = True
+            sys.stderr.write(f"nbdplug: {error}; no more writes\n")
 
     def map(self, count, offset):
         runs = []
@@ -325,34 +333,43 @@ class VmdkDisk(Disk):
             self._writing = True
 
     def _written(self, ext):
-        with self._dirty_lock:
-            self._dirty_files.add(ext)
+        if ext.file is not None:                # a ZERO extent has none
+            with self._dirty_lock:
+                self._dirty.add(ext)
 
     def pwrite(self, buf, offset, fua=False):
         buf = memoryview(buf)
         pos = 0
-        for ext, ext_off, n in self._writable(len(buf), offset):
-            ext.pwrite(buf[pos:pos + n], ext_off, self._background(ext))
-            self._written(ext)
-            pos += n
+        try:
+            for ext, ext_off, n in self._writable(len(buf), offset):
+                ext.pwrite(buf[pos:pos + n], ext_off, self._background)
+                self._written(ext)
+                pos += n
+        except CorruptImage as e:
+            self._stop_writing(e)
+            raise
         if fua:
             self.flush()
 
     def zero(self, count, offset, may_trim=False, fua=False):
-        for ext, ext_off, n in self._writable(count, offset):
-            for at, length in ext.zero(ext_off, n,
-                                       self._background_is_zero(ext)):
-                for pos in range(0, length, len(_ZEROS)):
-                    ext.pwrite(_ZEROS[:min(len(_ZEROS), length - pos)],
-                               at + pos, self._background(ext))
-            self._written(ext)
+        try:
+            for ext, ext_off, n in self._writable(count, offset):
+                for at, length in ext.zero(ext_off, n,
+                                           self._background_is_zero):
+                    for pos in range(0, length, len(_ZEROS)):
+                        ext.pwrite(_ZEROS[:min(len(_ZEROS), length - pos)],
+                                   at + pos, self._background)
+                self._written(ext)
+        except CorruptImage as e:
+            self._stop_writing(e)
+            raise
         if fua:
             self.flush()
 
     def flush(self):
         with self._dirty_lock:
-            extents = list(self._dirty_files)
-            self._dirty_files.clear()
+            extents = list(self._dirty)
+            self._dirty.clear()
         for ext in extents:
             if isinstance(ext, SparseExtent) and ext.compressed:
                 ext.write_footer()
@@ -409,14 +426,16 @@ class VmdkDisk(Disk):
 
     def close(self):
         try:
-            if self._writing and not self.readonly:
-                # Everything durable, then the extents marked clean.
+            if self._writing:
+                # Everything durable, then the extents marked clean
+                # (unless inconsistencies turned the disk read-only).
                 self.flush()
-                for ext in self._sparse:
-                    if not ext.readonly:
-                        ext.set_unclean(False)
-                        self._written(ext)
-                self.flush()
+                if not self.readonly:
+                    for ext in self._sparse:
+                        if not ext.readonly:
+                            ext.set_unclean(False)
+                            self._written(ext)
+                    self.flush()
                 self._writing = False
         finally:
             for f in dict.fromkeys([self._desc_file] +

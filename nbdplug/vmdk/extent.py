@@ -29,8 +29,9 @@ class Extent:
         raise NotImplementedError
 
     def pwrite(self, buf, offset, background):
-        """Write `buf` at `offset`; `background(offset, length)` returns
-        what an unallocated range shows (parent data or zeros)."""
+        """Write `buf` at `offset`.  `background(offset, length)`, in guest
+        offsets, returns what an unallocated range shows (the parent's
+        data or zeros)."""
         raise NotImplementedError
 
     def holes(self, where, length):
@@ -39,7 +40,8 @@ class Extent:
 
     def zero(self, offset, length, background_is_zero):
         """Make a range read as zeros where metadata alone can; return
-        the (offset, length) ranges that still need zeros written."""
+        the (offset, length) ranges that still need zeros written.
+        `background_is_zero(offset, length)` takes guest offsets."""
         return [(offset, length)]
 
     def info(self):

@@ -92,10 +92,9 @@ def read_geometry(file, path, file_size):
     if hdr.magicNumber != SPARSE_MAGIC:
         raise corrupt("not a hosted sparse extent", "magicNumber")
     if hdr.version not in (1, 2, 3):
-        raise unsupported(f"version {hdr.version} is not supported",
-                          "version")
+        raise unsupported(f"{hdr.version} is not supported", "version")
     if hdr.flags & ~KNOWN_FLAGS:
-        raise unsupported(f"unknown flags {hdr.flags & ~KNOWN_FLAGS:#x}",
+        raise unsupported(f"unknown bits {hdr.flags & ~KNOWN_FLAGS:#x}",
                           "flags")
     if hdr.flags & FLAG_NEWLINE_TEST and (
             hdr.singleEndLineChar, hdr.nonEndLineChar,
@@ -105,8 +104,8 @@ def read_geometry(file, path, file_size):
     compressed = bool(hdr.flags & FLAG_COMPRESSED)
     if hdr.compressAlgorithm not in (COMPRESSION_NONE, COMPRESSION_DEFLATE) \
             or compressed and hdr.compressAlgorithm != COMPRESSION_DEFLATE:
-        raise unsupported(f"compression {hdr.compressAlgorithm} is not "
-                          "supported", "compressAlgorithm")
+        raise unsupported(f"{hdr.compressAlgorithm} is not supported",
+                          "compressAlgorithm")
     if hdr.flags & FLAG_MARKERS and not compressed:
         raise unsupported("markers without compression are not supported",
                           "flags")
@@ -121,32 +120,32 @@ def read_geometry(file, path, file_size):
     if hdr.capacity > MAX_CAPACITY_SECTORS:
         raise unsupported(f"{hdr.capacity} sectors is more than the "
                           f"{MAX_CAPACITY_SECTORS} supported", "capacity")
-    tables, limit, footer = hdr, file_size, None
+    tables, limit, footer, space = hdr, file_size, None, "the file"
     if hdr.gdOffset == GD_AT_END:
         if not hdr.flags & FLAG_MARKERS:
             raise corrupt("a directory at the end needs markers", "gdOffset")
         footer = file_size - 3 * SECTOR
         tables = _footer(file, path, hdr, footer)
-        limit = footer
+        limit, space = footer, "the file before its footer"
     grain = grain_sectors * SECTOR
     gd_entries = -(-hdr.capacity // (grain_sectors * hdr.numGTEsPerGT))
     if gd_entries > MAX_GD_ENTRIES:
         raise unsupported(f"{gd_entries} grain tables are more than "
                           f"{MAX_GD_ENTRIES}", "capacity")
     gd_bytes = gd_entries * GTE_SIZE
-    gd_offset = _within(tables.gdOffset, gd_bytes, limit, "gdOffset",
-                        corrupt)
+    gd_offset = _within(tables.gdOffset, gd_bytes, limit, space,
+                        "gdOffset", corrupt)
     rgd_offset = None
     if hdr.flags & FLAG_REDUNDANT_GD and tables.rgdOffset:
-        rgd_offset = _within(tables.rgdOffset, gd_bytes, limit, "rgdOffset",
-                             corrupt)
+        rgd_offset = _within(tables.rgdOffset, gd_bytes, limit, space,
+                             "rgdOffset", corrupt)
     desc = None
     if hdr.descriptorSize:
         if hdr.descriptorSize * SECTOR > descriptor.MAX_DESCRIPTOR:
             raise corrupt(f"{hdr.descriptorSize} sectors is more than a "
                           "descriptor may take", "descriptorSize")
         desc = (_within(hdr.descriptorOffset, hdr.descriptorSize * SECTOR,
-                        file_size, "descriptorOffset", corrupt),
+                        file_size, "the file", "descriptorOffset", corrupt),
                 hdr.descriptorSize * SECTOR)
     return Geometry(
         header=hdr, grain=grain, capacity=hdr.capacity * SECTOR,
@@ -158,12 +157,12 @@ def read_geometry(file, path, file_size):
         unclean=bool(hdr.uncleanShutdown), limit=limit, footer=footer)
 
 
-def _within(sector, length, limit, field, corrupt):
+def _within(sector, length, limit, space, field, corrupt):
     """Byte offset of `length` bytes at `sector`, refused unless they lie
-    after the header and before `limit`."""
+    after the header and before `limit` (the end of `space`)."""
     if sector < 1 or sector * SECTOR + length > limit:
-        raise corrupt(f"{length} bytes at sector {sector} lie outside the "
-                      "file", field)
+        raise corrupt(f"{length} bytes at sector {sector} lie outside "
+                      f"{space}", field)
     return sector * SECTOR
 
 
@@ -244,7 +243,10 @@ class SparseExtent(Extent):
         if self.geo.descriptor is None:
             return None
         offset, length = self.geo.descriptor
-        return descriptor.parse(self.file.read(length, offset), self.path)
+        text = bytes(self.file.read(length, offset)).split(b"\0", 1)[0]
+        if not text.strip():
+            return None     # qemu leaves split extents' areas empty
+        return descriptor.parse(text, self.path)
 
     # --- validation (open and check) ------------------------------------
 
@@ -368,9 +370,10 @@ class SparseExtent(Extent):
             self.file.read(GRAIN_MARKER.size, offset))
         if marker.val != gi * (self.grain // SECTOR):
             raise self._corrupt(f"marker names sector {marker.val}", field)
-        if not 0 < marker.size <= compress_bound(self.grain):
-            raise self._corrupt(f"{marker.size} compressed bytes is more "
-                                "than a grain deflates to", field)
+        bound = compress_bound(self.grain)
+        if not 0 < marker.size <= bound:
+            raise self._corrupt(f"{marker.size} compressed bytes, where a "
+                                f"grain deflates to 1 to {bound}", field)
         if offset + GRAIN_MARKER.size + marker.size > self.limit:
             raise self._corrupt("compressed bytes run past the end of the "
                                 "file", field)
@@ -503,7 +506,8 @@ class SparseExtent(Extent):
         if entry == ZEROED_GRAIN:
             return bytes(self.grain)
         start = gi * self.grain
-        return bytes(background(start, min(self.grain, self.length - start))
+        return bytes(background(self.start + start,
+                                min(self.grain, self.length - start))
                      ).ljust(self.grain, b"\0")
 
     def _append(self, grains):
@@ -540,8 +544,8 @@ class SparseExtent(Extent):
             entry = self.lookup(gi)
             if self.geo.zeroed_grain and entry == ZEROED_GRAIN:
                 continue                # a zeroed grain already
-            if entry == 0 and background_is_zero(gi * self.grain + within,
-                                                  take):
+            if entry == 0 and background_is_zero(
+                    self.start + gi * self.grain + within, take):
                 continue
             if self.geo.zeroed_grain and take == self.grain:
                 marks.append((gi, ZEROED_GRAIN))
@@ -630,9 +634,9 @@ class SparseExtent(Extent):
                     continue            # scan() judged these
                 slot, rem = divmod(entry * SECTOR - geo.overhead, grain)
                 if rem == 0 and slots[slot] == 2:
-                    report.corrupt(f"{self.path}: grain table {gdi} entry "
-                                   f"{i} points at a grain another entry "
-                                   "uses")
+                    report.corrupt(str(self._corrupt(
+                        f"entry {i} points at a grain another entry uses",
+                        f"grain table {gdi}")))
                 slots[slot] = 2 if rem == 0 else max(slots[slot], 1)
                 if rem and slot + 1 < len(slots):
                     slots[slot + 1] = max(slots[slot + 1], 1)
@@ -658,14 +662,15 @@ class SparseExtent(Extent):
             differ += sum(a != b for a, b in zip(table, copy))
         if not differ:
             return
+        reason = f"{differ} redundant grain table entries differ from the " \
+            "primary tables"
         if self.unclean:
             # Expected after a crash; the next write copies them over.
-            report.messages.append(
-                f"{self.path}: not closed cleanly; {differ} redundant grain "
-                "table entries differ (rewritten on the next write)")
+            report.messages.append(str(self._corrupt(
+                f"{reason} (not closed cleanly; the next write rewrites "
+                "them)", "uncleanShutdown")))
         else:
-            report.corrupt(f"{self.path}: {differ} redundant grain table "
-                           "entries differ from the primary tables")
+            report.corrupt(str(self._corrupt(reason, "rgdOffset")))
 
     def info(self):
         out = super().info()

@@ -1,0 +1,267 @@
+"""Hostile VMDK images (tests/hostile.py): each is refused with one clear
+line naming the file and the field, exit status 2, within the memory cap
+and deadline, and nothing is written."""
+
+import os
+import struct
+
+import pytest
+
+from conftest import run
+from hostile import assert_rejected
+from nbdplug import CorruptImage, open_image
+from nbdplug.vmdk.structs import GRAIN_MARKER, SPARSE_HEADER
+from test_400_vmdk_read import qemu_vmdk, random_raw, vmware_stream
+
+MiB = 1 << 20
+
+
+def patch(path, offset, data):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def set_field(path, field, value, footer=False):
+    """Overwrite one header field (of the footer's copy if `footer`)."""
+    base = os.path.getsize(path) - 1024 if footer else 0
+    at = SPARSE_HEADER.offset(field)
+    following = SPARSE_HEADER.fields[SPARSE_HEADER.fields.index(field) + 1]
+    patch(path, base + at, value.to_bytes(
+        SPARSE_HEADER.offset(following) - at, "little"))
+
+
+def header(path):
+    with open(path, "rb") as f:
+        return SPARSE_HEADER.unpack_from(f.read(512))
+
+
+def first_gte(path):
+    """File offset of the first allocated grain table entry."""
+    hdr = header(path)
+    with open(path, "rb") as f:
+        f.seek(hdr.gdOffset * 512)
+        gt = int.from_bytes(f.read(4), "little")
+        f.seek(gt * 512)
+        table = struct.unpack(f"<{hdr.numGTEsPerGT}I",
+                              f.read(4 * hdr.numGTEsPerGT))
+    i = next(i for i, e in enumerate(table) if e)
+    return gt * 512 + 4 * i, table[i]
+
+
+def descriptor(path, *extent_lines, extra=""):
+    path.write_text('# Disk DescriptorFile\nversion=1\nCID=12345678\n'
+                    'parentCID=ffffffff\ncreateType="monolithicFlat"\n'
+                    + extra + "\n".join(extent_lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def sparse(tmp_path):
+    return qemu_vmdk(tmp_path, "monolithicSparse", "partial")
+
+
+# --- descriptors and extent names -------------------------------------------
+
+def test_descriptor_megabytes_long(tmp_path):
+    image = tmp_path / "big.vmdk"
+    image.write_bytes(b"# Disk DescriptorFile\n" + b"# padding\n" * 500000)
+    assert_rejected(image, "vmdk", "too large for a descriptor")
+
+
+def test_descriptor_line_too_long(tmp_path):
+    image = descriptor(tmp_path / "d.vmdk", 'RW 8 FLAT "' + "a" * 100000 +
+                       '" 0')
+    assert_rejected(image, "vmdk", "longer than 8192 bytes")
+
+
+def test_embedded_descriptor_size_huge(sparse):
+    set_field(sparse, "descriptorSize", 1 << 40)
+    assert_rejected(sparse, "vmdk", "descriptorSize")
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "../../../../etc/passwd"])
+def test_extent_outside_the_root(tmp_path, name):
+    image = descriptor(tmp_path / "d.vmdk", f'RW 8 FLAT "{name}" 0')
+    assert_rejected(image, "vmdk", "outside the allowed directories")
+
+
+def test_extent_is_the_descriptor_itself(tmp_path):
+    image = descriptor(tmp_path / "d.vmdk", 'RW 1 FLAT "d.vmdk" 0')
+    assert_rejected(image, "vmdk", "refers to the image itself")
+
+
+def test_extent_symlink_out_of_the_root(tmp_path):
+    os.symlink("/etc/passwd", tmp_path / "link-flat.vmdk")
+    image = descriptor(tmp_path / "d.vmdk", 'RW 8 FLAT "link-flat.vmdk" 0')
+    assert_rejected(image, "vmdk", "outside the allowed directories")
+
+
+@pytest.mark.parametrize("kind,match", [("b", "block device"),
+                                        ("c", "not a regular file")])
+def test_extent_device_node(tmp_path, kind, match):
+    node = tmp_path / "node-flat.vmdk"
+    os.mknod(node, 0o600 | (0o060000 if kind == "b" else 0o020000),
+             os.makedev(7, 0) if kind == "b" else os.makedev(1, 3))
+    image = descriptor(tmp_path / "d.vmdk", 'RW 8 FLAT "node-flat.vmdk" 0')
+    assert_rejected(image, "vmdk", match)
+
+
+def test_extent_listed_twice(tmp_path):
+    (tmp_path / "a.raw").write_bytes(bytes(8192))
+    image = descriptor(tmp_path / "d.vmdk", 'RW 8 FLAT "a.raw" 0',
+                       'RW 8 FLAT "a.raw" 8')
+    assert_rejected(image, "vmdk", "is extent 1 already")
+
+
+@pytest.mark.parametrize("line,match", [
+    ('RW 8 VMFSSPARSE "x.vmdk"', "VMFSSPARSE extents are not supported"),
+    ('RW 0 FLAT "x.vmdk" 0', "an extent of 0 sectors"),
+    ('RW 8 FLAT', "needs a file name"),
+    ('RW 8 ZERO "x.vmdk"', "names no file"),
+    ('RWX 8 FLAT "x.vmdk" 0', "not understood"),
+])
+def test_extent_line_refused(tmp_path, line, match):
+    assert_rejected(descriptor(tmp_path / "d.vmdk", line), "vmdk", match)
+
+
+def test_total_size_huge(tmp_path):
+    image = descriptor(tmp_path / "d.vmdk", *["RW 99999999999999 ZERO"] * 3)
+    assert_rejected(image, "vmdk", "more than supported")
+
+
+def test_parent_cid_mismatch(tmp_path):
+    base = qemu_vmdk(tmp_path, "monolithicSparse", "empty", name="b.vmdk")
+    child = descriptor(tmp_path / "c.vmdk", "RW 49152 ZERO",
+                       extra='parentFileNameHint="b.vmdk"\n')
+    assert_rejected(child, "vmdk", "parentCID", extra_files=[base])
+
+
+def test_parent_is_itself(tmp_path):
+    child = descriptor(tmp_path / "c.vmdk", "RW 8 ZERO",
+                       extra='parentFileNameHint="c.vmdk"\n')
+    assert_rejected(child, "vmdk", "parentFileNameHint")
+
+
+# --- sparse extent headers and tables -------------------------------------
+
+@pytest.mark.parametrize("field,value,match", [
+    ("gdOffset", 1 << 30, "gdOffset"),
+    ("rgdOffset", 1 << 40, "rgdOffset"),
+    ("numGTEsPerGT", 0, "numGTEsPerGT"),
+    ("numGTEsPerGT", 0xFFFFFFFF, "numGTEsPerGT"),
+    ("grainSize", 0, "grainSize"),
+    ("grainSize", 100, "grainSize"),
+    ("grainSize", 1 << 40, "grainSize"),
+    ("capacity", 1 << 62, "capacity"),
+    ("flags", 3 | 1 << 20, "unknown bits 0x100000"),
+    ("version", 7, "version"),
+    ("compressAlgorithm", 9, "compressAlgorithm"),
+])
+def test_header_field(sparse, field, value, match):
+    set_field(sparse, field, value)
+    assert_rejected(sparse, "vmdk", match)
+
+
+def test_newline_test_characters_damaged(sparse):
+    patch(sparse, SPARSE_HEADER.offset("doubleEndLineChar1"), b"\n")
+    assert_rejected(sparse, "vmdk", "transferred in text mode")
+
+
+def test_grain_directory_entry_past_eof(sparse):
+    patch(sparse, header(sparse).gdOffset * 512, struct.pack("<I", 1 << 30))
+    assert_rejected(sparse, "vmdk", "grain table lies past the end")
+
+
+def test_grain_tables_overlap(sparse):
+    """The redundant table made the same as the primary one: a write
+    through one would change the other."""
+    hdr = header(sparse)
+    with open(sparse, "rb") as f:
+        f.seek(hdr.gdOffset * 512)
+        first = f.read(4)
+    patch(sparse, hdr.rgdOffset * 512, first)
+    assert_rejected(sparse, "vmdk", "overlaps")
+
+
+def test_grain_table_entry_past_eof(sparse):
+    offset, _ = first_gte(sparse)
+    patch(sparse, offset, struct.pack("<I", 0x7FFFFFFF))
+    assert_rejected(sparse, "vmdk", "past the end of the file")
+
+
+def test_grain_table_entry_into_metadata_refused_for_writing(sparse):
+    """A grain over the tables could be read, but writing it would
+    overwrite them: a writable open refuses."""
+    offset, _ = first_gte(sparse)
+    patch(sparse, offset, struct.pack("<I", header(sparse).gdOffset))
+    before = sparse.read_bytes()
+    with pytest.raises(CorruptImage, match="into the metadata"):
+        open_image(str(sparse), "vmdk", readonly=False)
+    assert sparse.read_bytes() == before
+
+
+# --- streams -------------------------------------------------------------------
+
+@pytest.fixture
+def stream(tmp_path):
+    src = random_raw(tmp_path / "src.raw", 4 * MiB, 1, holes=False)
+    image = tmp_path / "s.vmdk"
+    run(["qemu-img", "convert", "-O", "vmdk", "-o",
+         "subformat=streamOptimized", str(src), str(image)])
+    return image
+
+
+def first_marker(path):
+    return first_gte(path)[1] * 512
+
+
+@pytest.mark.parametrize("size", [10 * 65536, 0xFFFFFFFF, 0])
+def test_compressed_grain_size_larger_than_a_grain(stream, size):
+    patch(stream, first_marker(stream) + 8, struct.pack("<I", size))
+    assert_rejected(stream, "vmdk", "compressed bytes, where a grain "
+                    "deflates to 1 to")
+
+
+def test_compressed_grain_marker_names_another_grain(stream):
+    patch(stream, first_marker(stream), struct.pack("<Q", 128 * 5))
+    assert_rejected(stream, "vmdk", "marker names sector")
+
+
+def test_compressed_grain_that_does_not_inflate(stream):
+    """Found when the grain is read: that read fails, nothing else."""
+    patch(stream, first_marker(stream) + GRAIN_MARKER.size + 100,
+          b"garbage!")
+    with open_image(str(stream)) as disk:
+        buf = bytearray(65536)
+        with pytest.raises(CorruptImage, match="grain 0: does not inflate"):
+            disk.pread(memoryview(buf), 0)
+        disk.pread(memoryview(buf), 65536)
+
+
+def vmware(tmp_path):
+    image = tmp_path / "vs.vmdk"
+    vmware_stream(str(image), random_raw(tmp_path / "r.raw", 2 * MiB, 2,
+                                         holes=False).read_bytes())
+    return image
+
+
+def test_stream_footer_pointing_into_itself(tmp_path):
+    image = vmware(tmp_path)
+    set_field(image, "gdOffset", os.path.getsize(image) // 512 - 2,
+              footer=True)
+    assert_rejected(image, "vmdk", "gdOffset: 4 bytes at sector")
+    assert_rejected(image, "vmdk", "outside the file before its footer")
+
+
+def test_stream_footer_missing(tmp_path):
+    image = vmware(tmp_path)
+    with open(image, "r+b") as f:
+        f.truncate(os.path.getsize(image) - 512)
+    assert_rejected(image, "vmdk", "footer")
+
+
+def test_stream_footer_disagrees_with_header(tmp_path):
+    image = vmware(tmp_path)
+    set_field(image, "capacity", 1 << 30, footer=True)
+    assert_rejected(image, "vmdk", "capacity differs")

@@ -14,19 +14,10 @@ from conftest import NBDPLUG, REPO, nbdplug
 from nbdplug import FORMATS
 from nbdplug.exports import load, parse_export
 from test_100_raw_driver import pattern
-from test_300_cli import assert_one_line_error
+from test_300_cli import assert_one_line_error, image  # noqa: F401
 from test_700_remote_serve import make_pki
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def image(tmp_path):
-    path = tmp_path / "disk.raw"
-    with open(path, "wb") as f:
-        f.truncate(4 * MiB)
-        f.write(pattern(MiB, 3))
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +171,7 @@ def test_unknown_export_from_the_client_side(image):
         h.set_full_info(True)
         h.connect_uri(uri.replace("///a?", "///?"))
         assert h.get_canonical_export_name() == "a"
-        assert h.pread(MiB, 0) == pattern(MiB, 3)
+        assert h.pread(MiB, 2 * MiB) == pattern(MiB, 1)
         h.shutdown()
     finally:
         nbdplug("stop", sock)

@@ -19,6 +19,7 @@ import sys
 
 from .disk import MiB
 from .errors import UsageError
+from .hostfile import DeferredFlushFile
 from .opener import FORMATS, create_image, open_image
 
 WINDOW = 4 * MiB    # the unit read ahead, mapped and written
@@ -52,15 +53,37 @@ def convert(src_path, dst_path, out_fmt, src_fmt=None, options=None,
             with open_image(dst_path, out_fmt, readonly=False,
                             policy=policy,
                             options={"compress": True} if compress
-                            else None) as dst, \
+                            else None,
+                            file_factory=DeferredFlushFile) as dst, \
                     progress_bar(src.size, progress) as update:
                 copy(src, dst, keep_backing=backing is not None,
                      progress=update)
                 dst.flush()
+                files = dst.files()
+            _sync(files)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(dst_path)
             raise
+
+
+def _sync(paths):
+    """Make the finished target durable: its files, then the directory
+    entries that name them."""
+    dirs = set()
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        dirs.add(os.path.dirname(os.path.abspath(path)))
+    for d in dirs:
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def copy(src, dst, keep_backing=False, progress=None):
@@ -120,6 +143,7 @@ def _write_data(dst, start, buf, zero_action, zeros):
     guest offsets) that are all zeros: those get `zero_action`."""
     granule = len(zeros)
     end = start + len(buf)
+    view, zview = memoryview(buf), memoryview(zeros)   # compare, no copies
     pos = start
     while pos < end:
         # Collect a run of granules that are all zero, or all not.
@@ -127,16 +151,16 @@ def _write_data(dst, start, buf, zero_action, zeros):
         is_zero = None
         while pos < end:
             stop = min(end, (pos // granule + 1) * granule)
-            zero = buf[pos - start:stop - start] == zeros[:stop - pos]
+            zero = view[pos - start:stop - start] == zview[:stop - pos]
             if is_zero is None:
                 is_zero = zero
             elif zero != is_zero:
                 break
             pos = stop
         if not is_zero:
-            view = memoryview(buf)[first - start:pos - start]
-            for i in range(0, len(view), dst.max_block):
-                dst.pwrite(view[i:i + dst.max_block], first + i)
+            data = view[first - start:pos - start]
+            for i in range(0, len(data), dst.max_block):
+                dst.pwrite(data[i:i + dst.max_block], first + i)
         elif zero_action == ZERO:
             dst.zero(pos - first, first, may_trim=True)
 

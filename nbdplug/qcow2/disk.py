@@ -363,21 +363,27 @@ class Qcow2Disk(Disk):
 
     def _allocating_write(self, items):
         """Write pieces of clusters that need a (new or reused) host
-        cluster: allocate under the lock, write data, flush, then point
-        the L2 entries at the data."""
+        cluster: allocate under the lock (new clusters as one contiguous
+        run), write data, flush, then point the L2 entries at it."""
         cb, cs, g = self.cluster_bits, self.cluster_size, self.granule
         plans = []
         with self.lock:
-            for c, a, piece in items:
+            for c, _, _ in items:
                 self._ensure_l2(c)
-                entry, bitmap = self.map_.entry(c)
-                host = entry & S.L2E_OFFSET_MASK
+            entries = [self.map_.entry(c) for c, _, _ in items]
+            reuse = [bool(e & S.L2E_OFFSET_MASK and
+                          not e & S.QCOW_OFLAG_COMPRESSED and
+                          e & S.QCOW_OFLAG_COPIED) for e, _ in entries]
+            fresh = reuse.count(False)
+            new_clusters = iter(self.refs.alloc_many(fresh))
+            for (c, a, piece), (entry, bitmap), kept in zip(items, entries,
+                                                             reuse):
                 compressed = entry & S.QCOW_OFLAG_COMPRESSED
-                reuse = host and not compressed and \
-                    entry & S.QCOW_OFLAG_COPIED
-                drop = [] if reuse else self._owned_clusters(entry)
-                if not reuse:
-                    host = self.refs.alloc(1) << cb
+                if kept:
+                    host, drop = entry & S.L2E_OFFSET_MASK, []
+                else:
+                    host = next(new_clusters) << cb
+                    drop = self._owned_clusters(entry)
                 b = a + len(piece)
                 if self.extended:
                     touched = sum(1 << sc for sc in range(a // g,
@@ -390,7 +396,7 @@ class Qcow2Disk(Disk):
                     new_bitmap = alloc_bits | (zero_bits << 32)
                     # Granules to write: the touched ones, plus every
                     # allocated one when the data moves to a new cluster.
-                    moved = (bitmap & 0xFFFFFFFF) if not reuse else 0
+                    moved = (bitmap & 0xFFFFFFFF) if not kept else 0
                     write_bits = touched | moved | (alloc_bits if compressed
                                                     else 0)
                 else:
@@ -401,28 +407,31 @@ class Qcow2Disk(Disk):
                     runs = self._runs(c << cb, cs)
                 plans.append((c, a, piece, host, new_bitmap, write_bits,
                               runs, drop))
-        # Data, outside the lock: whole cluster or the granules written,
-        # old contents filling what the guest did not write.
+        # Data, outside the lock: whole clusters or the granules written,
+        # old contents filling what the guest did not write; contiguous
+        # host ranges go out in one call.
+        segments = []
         for c, a, piece, host, new_bitmap, write_bits, runs, drop in plans:
             if runs is None:
-                self.file.pwrite(piece, host)
+                segments.append((host, piece))
                 continue
             buf = bytearray(cs)
             self._fill(memoryview(buf), c << cb, runs)
             buf[a:a + len(piece)] = piece
             if not self.extended:
-                self.file.pwrite(buf, host)
+                segments.append((host, memoryview(buf)))
                 continue
             for start, stop in _bit_ranges(write_bits):
-                self.file.pwrite(memoryview(buf)[start * g:stop * g],
-                                 host + start * g)
+                segments.append((host + start * g,
+                                 memoryview(buf)[start * g:stop * g]))
+        segments.sort(key=lambda seg: seg[0])
+        self._write_inplace(segments)
         self.file.flush()
         with self.lock:
-            for c, a, piece, host, new_bitmap, write_bits, runs, drop in \
-                    plans:
-                self.map_.set_entry(c, host | S.QCOW_OFLAG_COPIED,
-                                    new_bitmap)
-                self._drop(drop)
+            self.map_.set_entries([(p[0], p[3] | S.QCOW_OFLAG_COPIED, p[4])
+                                   for p in plans])
+            for p in plans:
+                self._drop(p[7])
 
     def _compressed_write(self, items):
         """Write whole clusters compressed (convert -c): each compressed
@@ -473,7 +482,7 @@ class Qcow2Disk(Disk):
                 return tail
             for c in taken:             # not contiguous: give them back
                 self.refs.set(c, 0)
-        host = self.refs.alloc(-(-n >> cb)) << cb
+        host = self.refs.alloc() << cb         # n is under a cluster
         self.compress_tail = host + n
         return host
 
@@ -499,7 +508,7 @@ class Qcow2Disk(Disk):
         old = entry & S.L1E_OFFSET_MASK
         if old and entry & S.QCOW_OFLAG_COPIED:
             return
-        new = self.refs.alloc(1) << self.cluster_bits
+        new = self.refs.alloc() << self.cluster_bits
         if old:
             table = self.map_.l2_table(old)
             content = bytearray(_be_table(table))

@@ -143,6 +143,34 @@ class Mapping:
             table[i] = entry
             self.file.pwrite(struct.pack(">Q", entry), offset + 8 * i)
 
+    def set_entries(self, updates):
+        """Write many (cluster, entry, bitmap) updates through, one write
+        per run of adjacent entries in a table."""
+        size = 16 if self.extended else 8
+        i = 0
+        updates = sorted(updates)
+        while i < len(updates):
+            cluster = updates[i][0]
+            offset = self.l1[cluster >> self.l2_bits] & S.L1E_OFFSET_MASK
+            table = self.l2_table(offset)
+            first = cluster & (self.l2_entries - 1)
+            packed = bytearray()
+            j = i
+            while j < len(updates) and updates[j][0] == cluster + (j - i) \
+                    and updates[j][0] >> self.l2_bits == \
+                    cluster >> self.l2_bits:
+                _, entry, bitmap = updates[j]
+                k = first + (j - i)
+                if self.extended:
+                    table[2 * k], table[2 * k + 1] = entry, bitmap
+                    packed += struct.pack(">QQ", entry, bitmap)
+                else:
+                    table[k] = entry
+                    packed += struct.pack(">Q", entry)
+                j += 1
+            self.file.pwrite(packed, offset + size * first)
+            i = j
+
     def set_l1(self, l1_index, entry):
         self.l1[l1_index] = entry
         self.file.pwrite(struct.pack(">Q", entry),

@@ -113,29 +113,39 @@ class Refcounts:
 
     def set(self, cluster, value):
         """Write one refcount through to the file."""
+        self.set_range(cluster, 1, value)
+
+    def set_range(self, first, n, value):
+        """Set the refcounts of clusters [first, first + n) to `value`,
+        one write per refcount block touched."""
         if not 0 <= value <= self.max:
             raise UnsupportedFeature(self.path, FMT, f"refcount {value} of "
-                                     f"cluster {cluster} exceeds "
+                                     f"cluster {first} exceeds "
                                      f"{self.bits}-bit refcounts",
                                      "refcount_order")
-        index = cluster // self.per_block
-        offset = self._block_offset(index)
-        if not offset:
-            offset = self._new_block(index)
-        block = self._block(offset)
-        i = cluster % self.per_block
         bits = self.bits
-        if bits >= 8:
-            width = bits // 8
-            pos = i * width
-            block[pos:pos + width] = value.to_bytes(width, "big")
-        else:
-            pos = (i * bits) // 8
-            shift = (i * bits) % 8
-            block[pos] = (block[pos] & ~(self.max << shift) & 0xFF) | \
-                (value << shift)
-            width = 1
-        self.file.pwrite(block[pos:pos + width], offset + pos)
+        c, end = first, first + n
+        while c < end:
+            index = c // self.per_block
+            offset = self._block_offset(index)
+            if not offset:
+                offset = self._new_block(index)
+            block = self._block(offset)
+            i0 = c % self.per_block
+            i1 = min(self.per_block, i0 + end - c)
+            if bits >= 8:
+                width = bits // 8
+                one = value.to_bytes(width, "big")
+                block[i0 * width:i1 * width] = one * (i1 - i0)
+                lo, hi = i0 * width, i1 * width
+            else:
+                for i in range(i0, i1):
+                    pos, shift = (i * bits) // 8, (i * bits) % 8
+                    block[pos] = (block[pos] & ~(self.max << shift) &
+                                  0xFF) | (value << shift)
+                lo, hi = (i0 * bits) // 8, ((i1 * bits) - 1) // 8 + 1
+            self.file.pwrite(block[lo:hi], offset + lo)
+            c += i1 - i0
 
     def add(self, cluster, delta):
         self.set(cluster, self.get(cluster) + delta)
@@ -143,32 +153,33 @@ class Refcounts:
             self.free_hint = cluster
 
     def _new_block(self, index, table=None):
-        """Allocate refcount block `index`, placed inside the range it
-        describes so that it counts itself.  Its content is durable before
-        the table entry points at it."""
+        """Allocate refcount block `index` at the end of the file.  Its
+        own refcount lives in itself when it falls in the range it
+        describes, else in the block of the range it falls in (made first
+        if missing).  Content and refcount are durable before the table
+        entry points at the block."""
         if table is None:
             if index >= len(self.table):
                 self._grow_table(index + 1)     # moves self.end
                 if self.table[index]:           # growth made it already
                     return self.table[index] & S.REFT_OFFSET_MASK
             table = self.table
-        first = index * self.per_block
-        where = max(self.end, first)
-        if where >= first + self.per_block:
-            raise CorruptImage(self.path, FMT, f"no room for refcount "
-                               f"block {index}", "refcount table")
+        while True:
+            where = self.end
+            home = where // self.per_block
+            if home == index or (home < len(table) and table[home]):
+                break
+            self._new_block(home, None if table is self.table else table)
         offset = where << self.cluster_bits
         block = bytearray(self.cluster_size)
         self.blocks[offset] = block
-        # The block's own refcount lives in itself.
-        i = where - first
-        if self.bits >= 8:
-            width = self.bits // 8
-            block[i * width:(i + 1) * width] = (1).to_bytes(width, "big")
+        self.end = where + 1
+        if home == index:
+            self._put(block, where - index * self.per_block, 1)
+            self.file.pwrite(block, offset)
         else:
-            block[(i * self.bits) // 8] |= 1 << ((i * self.bits) % 8)
-        self.file.pwrite(block, offset)
-        self.end = max(self.end, where + 1)
+            self.file.pwrite(block, offset)
+            self._set_in(table, where, 1)
         self.file.flush()
         table[index] = offset
         if table is self.table:
@@ -176,25 +187,37 @@ class Refcounts:
                              self.table_offset + index * 8)
         return offset
 
+    def _put(self, block, i, value):
+        """Store entry `i` of a refcount block in memory."""
+        if self.bits >= 8:
+            width = self.bits // 8
+            block[i * width:(i + 1) * width] = value.to_bytes(width, "big")
+        else:
+            pos, shift = (i * self.bits) // 8, (i * self.bits) % 8
+            block[pos] = (block[pos] & ~(self.max << shift) & 0xFF) | \
+                (value << shift)
+
     def _grow_table(self, min_entries):
         """Move the refcount table to a bigger place at the end of the
         file: new blocks and the new table first, durable; then the header
         points at it; then the old table's clusters are freed."""
         per_cluster = self.cluster_size // 8
         entries = max(min_entries, 2 * len(self.table))
-        entries = -(-entries // per_cluster) * per_cluster
-        if entries * 8 > S.MAX_REFTABLE_BYTES:
-            raise UnsupportedFeature(self.path, FMT, "refcount table would "
-                                     "exceed its size limit",
-                                     "refcount_table_clusters")
         table = array.array("Q", self.table)
-        table.extend([0] * (entries - len(table)))
-        clusters = entries // per_cluster
         while True:
+            entries = -(-entries // per_cluster) * per_cluster
+            if entries * 8 > S.MAX_REFTABLE_BYTES:
+                raise UnsupportedFeature(self.path, FMT, "refcount table "
+                                         "would exceed its size limit",
+                                         "refcount_table_clusters")
+            table.extend([0] * (entries - len(table)))
+            clusters = entries // per_cluster
             start = self.end
-            missing = [i for i in range(start // self.per_block,
-                                        (start + clusters - 1)
-                                        // self.per_block + 1)
+            last = (start + clusters) // self.per_block
+            if last >= entries:         # must also cover its own place
+                entries = last + 1
+                continue
+            missing = [i for i in range(start // self.per_block, last + 1)
                        if not table[i]]
             if not missing:
                 break
@@ -202,8 +225,7 @@ class Refcounts:
         old_offset, old_clusters = self.table_offset, \
             len(self.table) // per_cluster
         self.end = start + clusters
-        for c in range(start, start + clusters):
-            self._set_in(table, c, 1)
+        self._set_in(table, start, 1, clusters)
         self.file.pwrite(table_bytes(table), start << self.cluster_bits)
         self.file.flush()
         pos = S.HEADER_V2.offset("refcount_table_offset")
@@ -215,72 +237,66 @@ class Refcounts:
                        (old_offset >> self.cluster_bits) + old_clusters):
             self.add(c, -1)
 
-    def _set_in(self, table, cluster, value):
+    def _set_in(self, table, first, value, n=1):
+        """set_range() against `table` (a refcount table being built)."""
         saved, self.table = self.table, table
         try:
-            self.set(cluster, value)
+            self.set_range(first, n, value)
         finally:
             self.table = saved
 
     # --- allocation ------------------------------------------------------
 
-    def alloc(self, n=1):
-        """Allocate `n` contiguous free clusters (refcount 1, written but
-        not flushed); return the first cluster index."""
-        start = self._find_free(n)
-        for c in range(start, start + n):
-            self.set(c, 1)
-        self.end = max(self.end, start + n)
-        return start
+    def alloc(self):
+        """Allocate one free cluster (refcount 1, written, not flushed)."""
+        return self.alloc_many(1)[0]
+
+    def alloc_many(self, n):
+        """Allocate `n` free clusters, contiguous where the free space
+        allows; return their indexes in ascending order."""
+        out = []
+        c = self.free_hint
+        while len(out) < n and c < self.end:
+            index = c // self.per_block
+            if not self._block_offset(index):
+                # A range with no block below the end is not reused.
+                c = (index + 1) * self.per_block
+                continue
+            if not self.get(c):
+                out.append(c)
+            c += 1
+        self.free_hint = c
+        c = max(c, self.end)
+        while len(out) < n:
+            index = c // self.per_block
+            if not self._block_offset(index):
+                self.end = max(self.end, c)
+                self._new_block(index)              # lands at self.end
+                c = max(c, self.end)
+                continue
+            if not self.get(c):                     # skip a leak past EOF
+                out.append(c)
+                self.end = c + 1
+            c += 1
+        start = 0
+        while start < len(out):                     # one write per run
+            stop = start + 1
+            while stop < len(out) and out[stop] == out[stop - 1] + 1:
+                stop += 1
+            self.set_range(out[start], stop - start, 1)
+            start = stop
+        return out
 
     def claim(self, cluster):
         """Take `cluster` (refcount 1) if it is free; False if not."""
         index = cluster // self.per_block
         if not self._block_offset(index):
             if cluster < self.end:
-                return False        # its block could not count itself
-            self._new_block(index)  # may land on `cluster` itself
+                return False
+            self.end = cluster
+            self._new_block(index)  # lands on `cluster` itself
         if self.get(cluster):
             return False
         self.set(cluster, 1)
         self.end = max(self.end, cluster + 1)
         return True
-
-    def _find_free(self, n):
-        c = self.free_hint
-        run = 0
-        while c < self.end:
-            index = c // self.per_block
-            if not self._block_offset(index):
-                # A range with no block below the end: not reused (its
-                # block could not count itself).
-                c = (index + 1) * self.per_block
-                run = 0
-                continue
-            if self.get(c) == 0:
-                run += 1
-                if run == n:
-                    return c - n + 1
-            else:
-                run = 0
-            c += 1
-        self.free_hint = self.end
-        # At the end of the file: skip clusters still counted there (a
-        # leak past EOF) and make sure refcount blocks exist first.
-        c = self.end
-        while True:
-            ok = True
-            for k in range(c, c + n):
-                if self.get(k):
-                    c = k + 1
-                    ok = False
-                    break
-            if not ok:
-                continue
-            missing = [i for i in range(c // self.per_block,
-                                        (c + n - 1) // self.per_block + 1)
-                       if not self._block_offset(i)]
-            if not missing:
-                return c
-            self._new_block(missing[0])
-            c = max(c, self.end)

@@ -311,11 +311,13 @@ def _locator_name(path, code, raw, field):
         if url.scheme != "file" or url.netloc not in ("", "localhost"):
             return None
         return urllib.parse.unquote(url.path) or None
-    name = _utf16(path, raw, "utf-16-le", field).replace("\\", "/")
-    if code == W2KU:
-        # A drive letter means nothing here; keep the path below it.
-        name = re.sub(r"^[A-Za-z]:(?=/)", "", name)
-    return name or None
+    return windows_path(_utf16(path, raw, "utf-16-le", field)) or None
+
+
+def windows_path(name):
+    """A Windows path as a path here: slashes, and no drive letter (which
+    means nothing here; the path below it may)."""
+    return re.sub(r"^[A-Za-z]:(?=/)", "", name.replace("\\", "/"))
 
 
 def read_bat(file, geom):
@@ -531,7 +533,7 @@ class VhdDisk(Disk):
                     continue
                 first = within // SECTOR
                 last = -(-(within + n) // SECTOR)
-                for s, e, present in _bit_runs(bitmap, first, last):
+                for s, e, present in bit_runs(bitmap, first, last, _bit):
                     a = max(within, s * SECTOR)
                     b = min(within + n, e * SECTOR)
                     add(offset + a - within, b - a,
@@ -932,11 +934,12 @@ def _set_bits(bitmap, first, last, value):
         bitmap[a:b] = (b"\xff" if value else b"\0") * (b - a)
 
 
-def _bit_runs(bitmap, first, last):
-    """(start, end, present) runs of equal bits in [first, last)."""
+def bit_runs(bitmap, first, last, bit):
+    """(start, end, present) runs of equal bits in [first, last);
+    `bit(bitmap, i)` tests one (VHD and VHDX number bits differently)."""
     i = first
     while i < last:
-        present = bool(_bit(bitmap, i))
+        present = bool(bit(bitmap, i))
         j = i + 1
         while j < last:
             if j % 8 == 0:
@@ -947,7 +950,7 @@ def _bit_runs(bitmap, first, last):
                 if j >= last:
                     j = last
                     break
-            if bool(_bit(bitmap, j)) != present:
+            if bool(bit(bitmap, j)) != present:
                 break
             j += 1
         yield i, j, present

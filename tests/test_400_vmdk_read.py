@@ -19,7 +19,7 @@ SUBFORMATS = ["monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse",
               "twoGbMaxExtentFlat", "streamOptimized"]
 
 
-# --- helpers the other VMDK suites share -----------------------------------
+# --- helpers the other VMDK suites share -------------------------------------
 
 def qemu_raw(image, out):
     """qemu-img's reading of `image`, as a raw file."""
@@ -98,7 +98,7 @@ def qemu_vmdk(tmp_path, subformat, fill, size=24 * MiB, name="disk.vmdk"):
     return image
 
 
-# --- qemu-img's images, every subformat ---------------------------------------
+# --- qemu-img's images, every subformat --------------------------------------
 
 @pytest.mark.parametrize("fill", ["empty", "partial", "full"])
 @pytest.mark.parametrize("subformat", SUBFORMATS)
@@ -174,7 +174,7 @@ def test_map_matches_qemu(tmp_path, fill):
     assert_map_like_qemu(qemu_vmdk(tmp_path, "monolithicSparse", fill))
 
 
-# --- a stream laid out as VMware writes one ---------------------------------
+# --- a stream laid out as VMware writes one ----------------------------------
 
 GRAIN = 64 * 1024
 

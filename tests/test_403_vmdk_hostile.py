@@ -61,7 +61,7 @@ def sparse(tmp_path):
     return qemu_vmdk(tmp_path, "monolithicSparse", "partial")
 
 
-# --- descriptors and extent names -------------------------------------------
+# --- descriptors and extent names --------------------------------------------
 
 def test_descriptor_megabytes_long(tmp_path):
     image = tmp_path / "big.vmdk"
@@ -143,7 +143,7 @@ def test_parent_is_itself(tmp_path):
     assert_rejected(child, "vmdk", "parentFileNameHint")
 
 
-# --- sparse extent headers and tables -------------------------------------
+# --- sparse extent headers and tables ----------------------------------------
 
 @pytest.mark.parametrize("field,value,match", [
     ("gdOffset", 1 << 30, "gdOffset"),
@@ -201,7 +201,7 @@ def test_grain_table_entry_into_metadata_refused_for_writing(sparse):
     assert sparse.read_bytes() == before
 
 
-# --- streams -------------------------------------------------------------------
+# --- streams -----------------------------------------------------------------
 
 @pytest.fixture
 def stream(tmp_path):

@@ -125,7 +125,7 @@ def test_probe_finds_both_kinds(tmp_path):
         assert info["format"] == "vmdk"
 
 
-# --- check ----------------------------------------------------------------------
+# --- check -------------------------------------------------------------------
 
 def sparse_with_data(tmp_path):
     image = qemu_vmdk(tmp_path, "monolithicSparse", "partial")
@@ -205,7 +205,7 @@ def test_check_repair_is_refused(tmp_path):
     assert "repairing VMDK images is not supported" in proc.stderr
 
 
-# --- descriptors --------------------------------------------------------------
+# --- descriptors -------------------------------------------------------------
 
 def test_descriptor_crlf_quotes_and_cid_span():
     text = (b'# Disk DescriptorFile\r\nversion=1\r\nencoding="UTF-8"\r\n'

@@ -38,7 +38,6 @@ CREATE_TYPES = {
     "monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse",
     "twoGbMaxExtentFlat", "streamOptimized", "vmfs",
 }
-ACCESS = ("RW", "RDONLY", "NOACCESS")
 # Extent types we read; the others are named in the refusal.
 EXTENT_TYPES = ("SPARSE", "FLAT", "ZERO", "VMFS")
 OTHER_EXTENT_TYPES = ("VMFSSPARSE", "VMFSRDM", "VMFSRAW", "SESPARSE")

@@ -110,12 +110,12 @@ class VmdkDisk(Disk):
                 base = ext.geo.descriptor[0] if desc else None
                 extents = [ext]
             else:
-                size = file.size()
-                if size > descriptor.MAX_DESCRIPTOR:
+                size, limit = file.size(), descriptor.MAX_DESCRIPTOR
+                if size > limit:
                     raise CorruptImage(path, FMT, "no sparse extent magic, "
                                        "and too large for a descriptor "
-                                       f"(more than {descriptor.MAX_DESCRIPTOR}"
-                                       " bytes)", "descriptor")
+                                       f"(more than {limit} bytes)",
+                                       "descriptor")
                 desc, base = descriptor.parse(file.read(size, 0), path), 0
                 extents = cls._open_extents(path, desc, readonly, ctx,
                                             opened, locks)

@@ -55,13 +55,13 @@ MAX_GD_ENTRIES = 1 << 22
 # Grain tables kept in memory: 4096 x 2 KiB maps 128 GiB of 64 KiB grains.
 MAX_CACHED_GTS = 4096
 MAX_CACHED_GRAINS = 16          # inflated compressed grains
+TABLES_PER_READ = 512           # adjacent grain tables read at once
 MAX_IOV = 512                   # buffers per pwritev, below IOV_MAX
 
 
 @dataclasses.dataclass(frozen=True)
 class Geometry:
     """A validated header and what follows from it (bytes unless named)."""
-    header: typing.Any          # SPARSE_HEADER fields, as in sector 0
     grain: int
     capacity: int
     gtes: int                   # entries per grain table
@@ -148,7 +148,7 @@ def read_geometry(file, path, file_size):
                         file_size, "the file", "descriptorOffset", corrupt),
                 hdr.descriptorSize * SECTOR)
     return Geometry(
-        header=hdr, grain=grain, capacity=hdr.capacity * SECTOR,
+        grain=grain, capacity=hdr.capacity * SECTOR,
         gtes=hdr.numGTEsPerGT, gt_bytes=hdr.numGTEsPerGT * GTE_SIZE,
         gd_entries=gd_entries, gd_offset=gd_offset, rgd_offset=rgd_offset,
         overhead=hdr.overHead * SECTOR, descriptor=desc,
@@ -191,6 +191,11 @@ def _footer(file, path, hdr, at):
     return foot
 
 
+def _region(region):
+    offset, length, name, gdi = region
+    return name if gdi is None else f"{name} entry {gdi}"
+
+
 def _table(data):
     """uint32 little-endian entries as an array."""
     table = array.array("I")
@@ -225,6 +230,7 @@ class SparseExtent(Extent):
             self.rgd = self._read_table(geo.rgd_offset,
                                         geo.gd_entries * GTE_SIZE)
         self._gts = {}              # GD index -> cached grain table
+        self._no_table = _table(bytes(geo.gt_bytes))    # never written
         self._inflated = {}         # grain index -> inflated grain
         self._cache_lock = threading.Lock()
         self._lock = threading.Lock()           # allocation and tables
@@ -259,38 +265,36 @@ class SparseExtent(Extent):
         grains below overHead.
         """
         geo = self.geo
-        regions = [(0, SECTOR, "header"), (geo.gd_offset, geo.gd_entries *
-                                           GTE_SIZE, "grain directory")]
+        # (offset, length, name, GD index) of every piece of metadata
+        regions = [(0, SECTOR, "header", None),
+                   (geo.gd_offset, geo.gd_entries * GTE_SIZE,
+                    "grain directory", None)]
         if geo.descriptor is not None:
-            regions.append(geo.descriptor + ("descriptor",))
+            regions.append(geo.descriptor + ("descriptor", None))
         if self.rgd is not None:
             regions.append((geo.rgd_offset, geo.gd_entries * GTE_SIZE,
-                            "redundant grain directory"))
+                            "redundant grain directory", None))
         for name, directory in self._directories():
             for gdi, sector in enumerate(directory):
                 if not sector:
                     continue
-                offset, field = sector * SECTOR, f"{name} entry {gdi}"
-                if offset + geo.gt_bytes > geo.limit:
+                if sector * SECTOR + geo.gt_bytes > geo.limit:
                     problem(self._corrupt("grain table lies past the end "
-                                          "of the file", field))
+                                          "of the file",
+                                          f"{name} entry {gdi}"))
                     self._bad_tables.add(gdi)
                     continue
-                regions.append((offset, geo.gt_bytes, field))
+                regions.append((sector * SECTOR, geo.gt_bytes, name, gdi))
         regions.sort()
-        for (a, alen, aname), (b, _, bname) in zip(regions, regions[1:]):
-            if a + alen > b:
-                problem(self._corrupt(f"overlaps the {aname}", bname))
+        for a, b in zip(regions, regions[1:]):
+            if a[0] + a[1] > b[0]:
+                problem(self._corrupt(f"overlaps the {_region(a)}",
+                                      _region(b)))
         if not self.readonly:
             self._writable_layout(regions)
         end = geo.overhead
         for gdi, table in self._tables():
-            if max(table) <= self._unalloc_max:
-                continue
-            if self.compressed:
-                end = max(end, self._scan_markers(gdi, table, problem))
-            else:
-                self._scan_grains(gdi, table, problem, strict)
+            end = max(end, self._scan_table(gdi, table, problem, strict))
         # Where grains are appended: after the last one when compressed
         # (overwriting the footer), else at the grain-aligned end of file.
         if self.compressed:
@@ -306,38 +310,62 @@ class SparseExtent(Extent):
             yield "redundant grain directory", self.rgd
 
     def _tables(self):
-        """(GD index, grain table) for every sound primary table."""
-        for gdi, sector in enumerate(self.gd):
-            if sector and gdi not in self._bad_tables:
-                table = self._read_table(sector * SECTOR, self.geo.gt_bytes)
+        """(GD index, grain table) for every sound primary table with an
+        entry set, reading adjacent tables together."""
+        size = self.geo.gt_bytes
+        span = -(-size // SECTOR)
+        empty = bytes(size)
+        order = sorted((sector, gdi) for gdi, sector in enumerate(self.gd)
+                       if sector and gdi not in self._bad_tables)
+        i = 0
+        while i < len(order):
+            j = i + 1
+            while j < len(order) and j - i < TABLES_PER_READ and \
+                    order[j][0] == order[j - 1][0] + span:
+                j += 1
+            first = order[i][0]
+            run = self.file.read((order[j - 1][0] - first) * SECTOR + size,
+                                 first * SECTOR)
+            for sector, gdi in order[i:j]:
+                at = (sector - first) * SECTOR
+                raw = run[at:at + size]
+                if raw == empty:
+                    continue
+                table = _table(raw)
                 if len(self._gts) < MAX_CACHED_GTS:
                     self._gts.setdefault(gdi, table)
                 yield gdi, table
+            i = j
 
-    def _scan_markers(self, gdi, table, problem):
-        """Check a compressed extent's grain markers; return the end of
-        the last compressed grain."""
+    def _scan_table(self, gdi, table, problem, strict):
+        """Check one table's entries: each grain within the file (and past
+        the tables if `strict`), each compressed grain's marker.  Refused
+        entries read as unallocated.  Returns the end of the last
+        compressed grain."""
+        if not self.compressed and max(table) * SECTOR < self.limit and (
+                not strict or min(filter(None, table)) * SECTOR >=
+                self.geo.overhead):
+            return 0                    # the usual case, at C speed
+        if max(table) <= self._unalloc_max:
+            return 0
         end = 0
         for i, entry in enumerate(table):
-            if entry > self._unalloc_max:
-                try:
-                    pos, size = self._marker(gdi * self.geo.gtes + i, entry)
-                    end = max(end, pos + size)
-                except CorruptImage as e:
-                    problem(e)
-        return end
-
-    def _scan_grains(self, gdi, table, problem, strict):
-        """Check that every grain lies within the file (and, if `strict`,
-        past the tables); refused entries read as unallocated."""
-        for i, entry in enumerate(table):
-            if entry > self._unalloc_max and not self._grain_ok(entry,
-                                                                strict):
+            if entry <= self._unalloc_max:
+                continue
+            if not self._grain_ok(entry, strict):
                 where = "past the end of the file" if entry * SECTOR >= \
                     self.limit else "into the metadata, before overHead"
                 problem(self._corrupt(f"entry {i} points {where}",
                                       f"grain table {gdi}"))
                 table[i] = 0
+            elif self.compressed:
+                try:
+                    pos, size = self._marker(gdi * self.geo.gtes + i, entry)
+                    end = max(end, pos + size)
+                except CorruptImage as e:
+                    problem(e)
+                    table[i] = 0
+        return end
 
     def _grain_ok(self, entry, strict):
         low = self.geo.overhead if strict else SECTOR
@@ -351,7 +379,7 @@ class SparseExtent(Extent):
             why = "its grain directory is in a footer"
         elif any(0 in d for _, d in self._directories()):
             why = "not all its grain tables are allocated"
-        elif max(a + n for a, n, _ in regions) > geo.overhead or \
+        elif max(r[0] + r[1] for r in regions) > geo.overhead or \
                 geo.overhead > self.file.size():
             why = "its tables do not all lie before overHead"
         if why:
@@ -396,7 +424,7 @@ class SparseExtent(Extent):
                 return table
             sector = self.gd[gdi]
             if not sector or gdi in self._bad_tables:
-                return array.array("I", bytes(self.geo.gt_bytes))
+                return self._no_table
             if len(self._gts) >= MAX_CACHED_GTS:
                 del self._gts[next(iter(self._gts))]
             table = self._read_table(sector * SECTOR, self.geo.gt_bytes)
@@ -653,13 +681,15 @@ class SparseExtent(Extent):
     def _audit_redundant(self, report):
         if self.rgd is None:
             return
-        differ = 0
-        for gdi, table in self._tables():
-            if not self.rgd[gdi] or gdi in self._bad_tables:
+        differ, size = 0, self.geo.gt_bytes
+        for gdi, sector in enumerate(self.gd):
+            if not sector or not self.rgd[gdi] or gdi in self._bad_tables:
                 continue
-            copy = self._read_table(self.rgd[gdi] * SECTOR,
-                                    self.geo.gt_bytes)
-            differ += sum(a != b for a, b in zip(table, copy))
+            primary = self.file.read(size, sector * SECTOR)
+            copy = self.file.read(size, self.rgd[gdi] * SECTOR)
+            if primary != copy:
+                differ += sum(a != b for a, b in zip(_table(primary),
+                                                     _table(copy)))
         if not differ:
             return
         reason = f"{differ} redundant grain table entries differ from the " \

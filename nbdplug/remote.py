@@ -15,6 +15,8 @@ it comes from the person running us, never from inside an image.
 """
 
 import errno
+import socket
+import urllib.parse
 
 from .disk import HOLE, ZERO, Disk, MiB, Run
 from .errors import CorruptImage, ImageError, ReadOnlyDisk, UsageError
@@ -76,9 +78,11 @@ class NbdDisk(Disk):
                 h.set_tls_psk_file(options["tls-psk-file"])
             if "tls-username" in options:
                 h.set_tls_username(options["tls-username"])
-            h.connect_uri(uri)
+            _connect(h, uri, options)
         except nbd.Error as e:
             raise ImageError(uri, "nbd", _reason(e)) from None
+        except OSError as e:
+            raise ImageError(uri, "nbd", e.strerror or str(e)) from None
         if not readonly and h.is_read_only():
             _disconnect(h)
             raise ReadOnlyDisk(uri, "nbd", "the server offers this export "
@@ -201,6 +205,28 @@ class NbdDisk(Disk):
                              f"{_reason(e)}")
             err.errno = getattr(errno, e.errno or "", None) or errno.EIO
             raise err from None
+
+
+def _connect(h, uri, options):
+    """libnbd 1.14 sends an IPv6 literal as the TLS server name, which
+    RFC 6066 forbids and GnuTLS servers (nbdkit's) refuse.  A pre-shared
+    key has no name to check, so there we connect the socket ourselves
+    and libnbd sends none; X.509 keeps libnbd's own way (and its check
+    of the server's name)."""
+    parts = urllib.parse.urlsplit(uri)
+    query = urllib.parse.parse_qs(parts.query)
+    psk = query.get("tls-psk-file", [options.get("tls-psk-file")])[-1]
+    if parts.scheme != "nbds" or ":" not in (parts.hostname or "") or \
+            psk is None:
+        return h.connect_uri(uri)
+    nbd = _nbd()
+    h.set_tls(nbd.TLS_REQUIRE)
+    h.set_tls_psk_file(psk)
+    if parts.username:
+        h.set_tls_username(urllib.parse.unquote(parts.username))
+    h.set_export_name(urllib.parse.unquote(parts.path[1:]))
+    sock = socket.create_connection((parts.hostname, parts.port or 10809))
+    h.connect_socket(sock.detach())
 
 
 def _chunks(count, offset, most):

@@ -1,10 +1,9 @@
 """Starting and stopping nbdkit with the nbdplug plugin.
 
 One place builds the nbdkit command line, so `nbdplug serve`, attach and
-the tests all serve images the same way.  For `serve` it also checks what
-nbdkit would accept silently or report badly: TLS files (nbdkit takes a
-PSK file anyone may read), client allow-lists, and clear text beyond
-loopback.
+the tests all serve images the same way.  For `serve` it also refuses
+what nbdkit would take silently: bad TLS files (tls.py), client
+allow-lists that are not addresses, and clear text beyond loopback.
 """
 
 import contextlib
@@ -12,8 +11,6 @@ import dataclasses
 import ipaddress
 import os
 import signal
-import ssl
-import stat
 import subprocess
 import sys
 import tempfile
@@ -25,14 +22,11 @@ from .errors import UsageError
 from .exports import Export
 from .opener import open_image
 from .remote import is_uri
+from .tls import tls_args
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 PLUGIN = os.path.join(PACKAGE_DIR, "plugin.py")
 RUN_DIR = os.environ.get("NBDPLUG_RUN_DIR", "/run/nbdplug")
-
-# The files nbdkit reads from a --tls-certificates directory.
-CERT_FILES = ("ca-cert.pem", "server-cert.pem", "server-key.pem")
-
 
 def plugin_args(image, fmt=None, readonly=False, direct=False,
                 backing_roots=(), no_backing=False, share=False):
@@ -70,93 +64,6 @@ def exports_plugin_args(exports, direct=False, backing_roots=(),
         args.append("no-backing=true")
     args += [f"backing-root={os.path.abspath(r)}" for r in backing_roots]
     return args
-
-
-def tls_args(psk=None, certs=None, verify_peer=False):
-    """nbdkit's TLS options, after checking the files it will read; TLS
-    is then required of every client (no downgrade to clear text)."""
-    if psk and certs:
-        raise UsageError("give --tls-psk or --tls-certs, not both")
-    if verify_peer and not certs:
-        raise UsageError("--tls-verify-peer needs --tls-certs (client "
-                         "certificates are checked against its CA)")
-    if psk:
-        check_psk_file(psk)
-        return ["--tls=require", f"--tls-psk={os.path.abspath(psk)}"]
-    if certs:
-        check_cert_dir(certs)
-        return (["--tls=require",
-                 f"--tls-certificates={os.path.abspath(certs)}"]
-                + (["--tls-verify-peer"] if verify_peer else []))
-    return []
-
-
-def check_secret(path, what):
-    """A key file must exist and be private to its owner, as ssh wants of
-    private keys (nbdkit itself does not look)."""
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise UsageError(f"{path}: {what}: {e.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise UsageError(f"{path}: {what} is not a regular file")
-    if st.st_mode & 0o077:
-        raise UsageError(f"{path}: {what} is open to other users (mode "
-                         f"{stat.S_IMODE(st.st_mode):04o}); chmod 600 it")
-
-
-def check_psk_file(path):
-    """IDENTITY:HEXKEY lines, as psktool writes them."""
-    check_secret(path, "TLS PSK file")
-    try:
-        with open(path) as f:
-            lines = f.read(1 << 20).splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"{path}: TLS PSK file: "
-                         f"{getattr(e, 'strerror', None) or e}") from None
-    keys = 0
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        identity, sep, key = line.strip().partition(":")
-        try:
-            bytes.fromhex(key)
-        except ValueError:
-            sep = ""
-        if not (identity and sep and key):
-            raise UsageError(f"{path}: line {n}: expected IDENTITY:HEXKEY "
-                             "(as psktool writes)")
-        keys += 1
-    if not keys:
-        raise UsageError(f"{path}: TLS PSK file holds no keys")
-
-
-def check_cert_dir(path):
-    """The CA, the server certificate and its key, loadable and matching."""
-    if not os.path.isdir(path):
-        raise UsageError(f"{path}: TLS certificate directory: "
-                         + ("not a directory" if os.path.exists(path)
-                            else "No such file or directory"))
-    files = [os.path.join(path, name) for name in CERT_FILES]
-    for name, file in zip(CERT_FILES, files):
-        if not os.path.isfile(file):
-            raise UsageError(f"{path}: {name} is missing (a TLS certificate"
-                             " directory holds " + ", ".join(CERT_FILES)
-                             + ")")
-    ca, cert, key = files
-    check_secret(key, "TLS server key")
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    try:
-        ctx.load_verify_locations(ca)
-    except ssl.SSLError as e:
-        raise UsageError(f"{ca}: not a PEM certificate ({e.reason})") \
-            from None
-    try:
-        ctx.load_cert_chain(cert, key)
-    except ssl.SSLError as e:
-        raise UsageError(f"{path}: server-cert.pem and server-key.pem are "
-                         f"not a PEM certificate and its key ({e.reason})") \
-            from None
 
 
 def allow_args(allow):

@@ -274,17 +274,26 @@ def test_psk_refusals(hosts, pki, images, tmp_path):
 
 
 def test_ipv6_listen(hosts, pki, images, tmp_path):
-    """qemu-img over IPv6 with TLS.  (libnbd 1.14 clients cannot take
-    part: they send the IPv6 literal as TLS server name, which RFC 6066
-    forbids and GnuTLS servers such as nbdkit's refuse.)"""
+    """qemu-img and nbdplug over IPv6 with TLS.  (nbdinfo and nbdcopy
+    cannot: libnbd 1.14 sends the IPv6 literal as TLS server name, which
+    RFC 6066 forbids and GnuTLS servers such as nbdkit's refuse.)"""
     raw, _ = images
     ip6 = hosts.server.ip6
-    with remote_server(hosts, tmp_path, "--tls-psk", pki.psk, raw,
-                       ip6=True) as (port, uris):
-        assert uris == [f"nbds://[{ip6}]:{port}/"]
+    with remote_server(hosts, tmp_path, "--tls-psk", pki.psk, "--export",
+                       f"v6={raw}", ip6=True) as (port, uris):
+        assert uris == [f"nbds://[{ip6}]:{port}/v6"]
         hosts.client.run(["qemu-img", "compare", *qemu_tls(pki, "psk"),
-                          "--image-opts", qemu_nbd_opts(ip6, port, ""),
+                          "--image-opts", qemu_nbd_opts(ip6, port, "v6"),
                           f"driver=raw,file.filename={raw}"])
+        copy = tmp_path / "copy.raw"
+        hosts.client.run(NBDPLUG + ["convert", "-O", "raw", psk_uri(
+            f"[{ip6}]", port, "v6", pki), copy], cwd=REPO)
+        assert copy.read_bytes() == open(raw, "rb").read()
+        err = refused(hosts.client.run(
+            NBDPLUG + ["info", psk_uri(f"[{ip6}]", port, "v6", pki,
+                                       pki.psk_wrong)], cwd=REPO,
+            check=False))
+        assert len(err.strip().splitlines()) == 1
 
 
 # --- TLS with X.509 certificates --------------------------------------

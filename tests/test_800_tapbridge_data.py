@@ -100,8 +100,7 @@ def test_write_lays_segments_end_to_end(tmp_path, image, protocol):
     sector = 333
     assert one(fe, BLKIF_OP_WRITE, 2, sector, SEGS) == OK
     assert be.stop()[0] == 0
-    expect = b"".join(shm.page(g)[f * 512:(la + 1) * 512]
-                      for g, f, la in SEGS)
+    expect = shm.gather(SEGS)
     after = image_bytes(image)
     start_ = sector * 512
     assert after[start_:start_ + len(expect)] == expect
@@ -131,8 +130,7 @@ def test_indirect_request_with_256_segments(tmp_path, image, protocol):
     fe.push()
     # The response echoes indirect_op, not BLKIF_OP_INDIRECT.
     assert fe.get(1) == [(0xABCD, BLKIF_OP_WRITE, OK)]
-    expect = b"".join(shm.page(g)[f * 512:(la + 1) * 512]
-                      for g, f, la in segs)
+    expect = shm.gather(segs)
     read_segs = [(g, f, la) for g, (_, f, la) in zip(data_grefs[256:], segs)]
     for g, _, _ in read_segs:
         shm.fill(g, CANARY)
@@ -140,9 +138,7 @@ def test_indirect_request_with_256_segments(tmp_path, image, protocol):
     fe.indirect(BLKIF_OP_READ, 0xABCE, 4096, 256, [0])
     fe.push()
     assert fe.get(1) == [(0xABCE, BLKIF_OP_READ, OK)]
-    got = b"".join(shm.page(g)[f * 512:(la + 1) * 512]
-                   for g, f, la in read_segs)
-    assert got == expect
+    assert shm.gather(read_segs) == expect
     for g, f, la in read_segs:
         page = shm.page(g)
         assert page[:f * 512] + page[(la + 1) * 512:] == \
@@ -399,7 +395,8 @@ def workload(fe, shm, rng, model, count, sectors):
         model[sector * 512:sector * 512 + len(data)] = data
 
 
-FORMATS = ["raw", "qcow2"]
+FORMATS = ["raw", "qcow2", "vpc", "vmdk"]
+QEMU_CHECKS = {"qcow2", "vmdk"}
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -414,7 +411,7 @@ def test_nbdkit_reads_back_what_the_ring_wrote(tmp_path, fmt):
     workload(fe, shm, random.Random(fmt), model, 60, 4 * MiB // 512)
     fe.discard(999, 2048, 16)
     fe.push()
-    assert fe.get(1)[0][2] == OK
+    assert fe.get(1)[0][2] in (OK, NOTSUPP)     # as the driver can trim
     assert be.stop()[0] == 0
     with served(path, fmt) as srv:
         got = srv.connect().pread(4 * MiB, 0)
@@ -423,7 +420,7 @@ def test_nbdkit_reads_back_what_the_ring_wrote(tmp_path, fmt):
     assert got[:lo] == model[:lo] and got[hi:] == model[hi:]
     for off in range(lo, hi, 4096):
         assert got[off:off + 4096] in (model[off:off + 4096], bytes(4096))
-    if fmt != "raw":
+    if fmt in QEMU_CHECKS:
         run(["qemu-img", "check", "-f", fmt, path])
 
 

@@ -3,22 +3,19 @@ remove], stdin /dev/null, XENBUS_PATH relative to dom0's home, and Xen's
 own xenstore-read/-write (xenstore-utils) talking to the test xenstore
 server."""
 
-import contextlib
 import os
 import sys
-import threading
 
 import pytest
 
 from conftest import REPO
 from tapbridge.abi import BLKIF_OP_READ
 from tapbridge.shm import ShmTransport
-from tapbridge.vbd import VbdBackend, Xenstore
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "tapbridge"))
 from tbharness import (BACKEND, Frontend, ShmDir, hotplug,  # noqa: E402
                        libxl_add_vbd, qcow2_with_data, sector_data,
-                       wait_for)
+                       vbd_backend, wait_for)
 from tbharness import odd_dir, xs  # noqa: E402,F401 (fixtures)
 
 SCRIPTS = os.path.join(REPO, "hotplug", "xen")
@@ -84,23 +81,6 @@ def test_scripts_need_libxls_environment(xs):
         assert proc.returncode == 2 and "usage" in proc.stderr
 
 
-@contextlib.contextmanager
-def serve_xen(xs, shm):
-    """The tapbridge daemon, with shared memory standing in for the
-    guest's granted pages (no hypervisor here)."""
-    store = Xenstore(xs.path)
-    vbd = VbdBackend(store, lambda domid, refs, order, port:
-                     ShmTransport(shm.path, order))
-    thread = threading.Thread(target=vbd.run)
-    thread.start()
-    try:
-        yield
-    finally:
-        vbd.stop()
-        thread.join(10)
-        store.close()
-
-
 def test_xl_attach_sequence_with_tapbridge(xs, tmp_path, odd_dir):
     """libxl's order: backend dir, wait for InitWait, run add, frontend
     connects; the guest then reads the image through the ring."""
@@ -108,7 +88,9 @@ def test_xl_attach_sequence_with_tapbridge(xs, tmp_path, odd_dir):
     image.write_bytes(sector_data(0, 2 * MiB // 512, 4))
     shm = ShmDir(tmp_path / "shm", 8)
     guest = Frontend(shm, 0)
-    with serve_xen(xs, shm):
+    # Shared memory stands in for the guest's granted pages.
+    with vbd_backend(xs, lambda domid, refs, order, port:
+                     ShmTransport(shm.path, order)):
         be, fe = libxl_add_vbd(xs, f"raw:{image}")
         wait_for(lambda: xs.read(f"{be}/state") == "2", 10, "InitWait")
         proc = hotplug(xs, BLOCK_TAPBRIDGE, "add")

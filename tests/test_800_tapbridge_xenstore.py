@@ -3,22 +3,22 @@ speaking the real wire protocol (the same one Xen's own xenstore-read
 and friends talk to here), with the toolstack's and the guest's sides
 played as libxl and blkfront would."""
 
-import contextlib
 import os
+import signal
 import subprocess
 import sys
-import threading
 
 import pytest
 
+from conftest import REPO
 from tapbridge.abi import BLKIF_OP_READ, BLKIF_OP_WRITE
 from tapbridge.shm import ShmTransport
-from tapbridge.vbd import VbdBackend, Xenstore
+from tapbridge.vbd import Xenstore
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "tapbridge"))
 import xsserver  # noqa: E402
 from tbharness import (Frontend, ShmDir, libxl_add_vbd,  # noqa: E402
-                       probe, sector_data, wait_for)
+                       probe, sector_data, vbd_backend, wait_for)
 from tbharness import xs  # noqa: E402,F401 (a fixture)
 
 MiB = 1 << 20
@@ -51,20 +51,6 @@ class Factory:
         transport.close = closing
         self.open.append(transport)
         return transport
-
-
-@contextlib.contextmanager
-def backend(xs, factory):
-    store = Xenstore(xs.path)
-    vbd = VbdBackend(store, factory)
-    thread = threading.Thread(target=vbd.run)
-    thread.start()
-    try:
-        yield vbd
-    finally:
-        vbd.stop()
-        thread.join(10)
-        store.close()
 
 
 def state(xs, path):
@@ -136,7 +122,7 @@ def test_transaction_retries_on_eagain(xs):
 
 def test_new_device_goes_to_initwait_before_hotplug(xs, image, tmp_path):
     factory = Factory(ShmDir(tmp_path / "shm", 8))
-    with backend(xs, factory):
+    with vbd_backend(xs, factory):
         be, fe = libxl_add_vbd(xs, f"raw:{image}")
         wait_for(lambda: state(xs, be) == 2, 10, "InitWait")
         keys = xs.tree(be)
@@ -157,7 +143,7 @@ def test_connects_and_serves_the_ring(xs, image, tmp_path, order, protocol):
     guest = Frontend(shm, order, protocol or "x86_32-abi")
     factory = Factory(shm)
     refs = [901, 17, 4242, 3][:1 << order]   # not in order, not adjacent
-    with backend(xs, factory):
+    with vbd_backend(xs, factory):
         be, fe = libxl_add_vbd(xs, f"raw:{image}")
         wait_for(lambda: state(xs, be) == 2)
         hotplug_connected(xs, be, image)
@@ -192,7 +178,7 @@ def test_frontend_already_connected_before_the_backend(xs, image, tmp_path):
     be, fe = libxl_add_vbd(xs, f"raw:{image}", mode="r")
     hotplug_connected(xs, be, image)
     frontend_connects(xs, fe, [5], state_=4)    # skipped InitWait
-    with backend(xs, factory):
+    with vbd_backend(xs, factory):
         wait_for(lambda: state(xs, be) == 4, 10, "Connected")
         assert xs.read(f"{be}/info") == "4"         # VDISK_READONLY
         assert xs.read(f"{be}/feature-discard") == "0"
@@ -210,7 +196,7 @@ def test_detach_closes_unmaps_and_unwatches(xs, image, tmp_path):
     shm = ShmDir(tmp_path / "shm", 8)
     Frontend(shm, 0)
     factory = Factory(shm)
-    with backend(xs, factory):
+    with vbd_backend(xs, factory):
         be, fe = libxl_add_vbd(xs, f"raw:{image}")
         hotplug_connected(xs, be, image)
         frontend_connects(xs, fe, [5])
@@ -233,7 +219,7 @@ def test_guest_reboot_reconnects_with_a_new_ring(xs, image, tmp_path):
     shm = ShmDir(tmp_path / "shm", 8)
     guest = Frontend(shm, 0)
     factory = Factory(shm)
-    with backend(xs, factory):
+    with vbd_backend(xs, factory):
         be, fe = libxl_add_vbd(xs, f"raw:{image}")
         hotplug_connected(xs, be, image)
         frontend_connects(xs, fe, [5], port=10)
@@ -264,7 +250,7 @@ def test_guest_reboot_reconnects_with_a_new_ring(xs, image, tmp_path):
 def test_bad_frontend_keys_close_the_device(xs, image, tmp_path, keys,
                                             message):
     factory = Factory(ShmDir(tmp_path / "shm", 8))
-    with backend(xs, factory):
+    with vbd_backend(xs, factory):
         be, fe = libxl_add_vbd(xs, f"raw:{image}")
         hotplug_connected(xs, be, image)
         xs.write_all({f"{fe}/{k}": v for k, v in keys.items()})
@@ -278,7 +264,7 @@ def test_bad_frontend_keys_close_the_device(xs, image, tmp_path, keys,
 
 def test_image_that_will_not_open_closes_the_device(xs, tmp_path):
     factory = Factory(ShmDir(tmp_path / "shm", 8))
-    with backend(xs, factory):
+    with vbd_backend(xs, factory):
         be, fe = libxl_add_vbd(xs, f"qcow2:{tmp_path}/missing.qcow2")
         hotplug_connected(xs, be, f"{tmp_path}/missing.qcow2", "qcow2")
         frontend_connects(xs, fe, [5])
@@ -290,8 +276,29 @@ def test_image_that_will_not_open_closes_the_device(xs, tmp_path):
 
 def test_devices_of_other_scripts_are_left_alone(xs, image, tmp_path):
     factory = Factory(ShmDir(tmp_path / "shm", 8))
-    with backend(xs, factory):
+    with vbd_backend(xs, factory):
         be, _ = libxl_add_vbd(xs, image, script="/etc/xen/scripts/block")
         be2, _ = libxl_add_vbd(xs, f"raw:{image}", devid=51728)
         wait_for(lambda: state(xs, be2) == 2)
         assert state(xs, be) == 1
+
+
+def test_serve_xen_command(xs, image):
+    """The daemon as xl's dom0 runs it: InitWait for a new device, and
+    without a hypervisor the connect fails on the Xen devices, in one line
+    under error/ and Closing; SIGTERM ends it."""
+    proc = subprocess.Popen([sys.executable, "-m", "tapbridge.cli",
+                             "serve-xen", "--xenstore", xs.path],
+                            cwd=REPO, stderr=subprocess.PIPE, text=True)
+    try:
+        be, fe = libxl_add_vbd(xs, f"raw:{image}")
+        wait_for(lambda: state(xs, be) == 2, 10, "InitWait")
+        hotplug_connected(xs, be, image)
+        frontend_connects(xs, fe, [5])
+        wait_for(lambda: state(xs, be) == 5, 10, "Closing")
+        assert "/dev/xen/gntdev" in xs.read(
+            "/local/domain/0/error/backend/vbd/1/51712/error")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    assert "Traceback" not in proc.stderr.read()

@@ -89,6 +89,11 @@ class ShmDir:
     def page(self, gref):
         return self.grants[gref * PAGE:(gref + 1) * PAGE]
 
+    def gather(self, segments):
+        """The bytes of (gref, first_sect, last_sect) segments, in order."""
+        return b"".join(self.page(g)[f * 512:(last + 1) * 512]
+                        for g, f, last in segments)
+
     def fill(self, gref, data):
         assert len(data) == PAGE
         self.grants[gref * PAGE:(gref + 1) * PAGE] = data
@@ -245,6 +250,18 @@ class Backend:
 
 
 @contextlib.contextmanager
+def in_thread(run, stop):
+    """Run `run()` in a thread for the block; `stop()` ends it."""
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop()
+        thread.join(30)
+
+
+@contextlib.contextmanager
 def dispatcher_thread(shm, disk, order=0, protocol="x86_64-abi", **kw):
     """The dispatcher serving `disk` in this process (so tests can watch
     the driver calls), on a ring the frontend has already initialised."""
@@ -253,15 +270,26 @@ def dispatcher_thread(shm, disk, order=0, protocol="x86_64-abi", **kw):
     from tapbridge.shm import ShmTransport
     transport = ShmTransport(shm.path, order)
     dispatcher = Dispatcher(disk, transport, PROTOCOLS[protocol], **kw)
-    thread = threading.Thread(target=dispatcher.serve)
-    thread.start()
     try:
-        yield dispatcher
+        with in_thread(dispatcher.serve, dispatcher.stop):
+            yield dispatcher
     finally:
-        dispatcher.stop()
-        thread.join(30)
         dispatcher.close()
         transport.close()
+
+
+@contextlib.contextmanager
+def vbd_backend(xs, transport_factory):
+    """`tapbridge serve-xen`'s backend in this process, on the test
+    xenstore, with `transport_factory` standing in for the hypervisor."""
+    from tapbridge.vbd import VbdBackend, Xenstore
+    store = Xenstore(xs.path)
+    vbd = VbdBackend(store, transport_factory)
+    try:
+        with in_thread(vbd.run, vbd.stop):
+            yield vbd
+    finally:
+        store.close()
 
 
 class WatchedDisk:

@@ -12,7 +12,6 @@ the frontend must not shrink them while the backend runs (a page that
 vanishes under a mapping would kill the backend with SIGBUS).
 """
 
-import errno
 import mmap
 import os
 import stat
@@ -37,12 +36,9 @@ def make_fifo(path):
 class ShmTransport:
     def __init__(self, directory, order):
         self.directory = directory
-        expected = PAGE_SIZE << order
-        self._ring_map = self._map(RING, expected)
+        self.ring = self._map(RING, PAGE_SIZE << order)
         self._grant_map = self._map(GRANTS, None)
-        self.ring = self._ring_map
-        self._grants = memoryview(self._grant_map) if self._grant_map \
-            else memoryview(b"")
+        self._grants = memoryview(self._grant_map or b"")
         self.npages = len(self._grants) // PAGE_SIZE
         for name in (KICK_BACKEND, KICK_FRONTEND):
             make_fifo(os.path.join(directory, name))
@@ -122,13 +118,9 @@ class ShmTransport:
         return GuestBuffer(view)
 
     def close(self):
-        for fd in (self._kick_in, self._kick_out):
-            try:
-                os.close(fd)
-            except OSError as e:
-                if e.errno != errno.EBADF:
-                    raise
+        os.close(self._kick_in)
+        os.close(self._kick_out)
         self._grants.release()
-        for m in (self._ring_map, self._grant_map):
+        for m in (self.ring, self._grant_map):
             if m is not None:
                 m.close()

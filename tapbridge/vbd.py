@@ -49,6 +49,7 @@ log = logging.getLogger("tapbridge")
 SCRIPT = "block-tapbridge"      # the devices we serve name this script
 MAX_RING_PAGE_ORDER = 4         # as blkback and QEMU
 COMMIT_ATTEMPTS = 20
+_REQUIRED = object()
 
 
 class XenstoreError(Exception):
@@ -134,6 +135,18 @@ class Device:
     def key(self, name):
         return self.xs.read(f"{self.path}/{name}")
 
+    def guest_int(self, path, default=_REQUIRED):
+        """A number the guest wrote (so anything at all): an unsigned
+        32-bit integer, `default` when absent, else DeviceError."""
+        text = self.xs.read(path)
+        if text is None:
+            if default is _REQUIRED:
+                raise DeviceError(f"{path} is missing")
+            return default
+        if not text.isdigit() or int(text) > 0xFFFFFFFF:
+            raise DeviceError(f"{path}: {text[:64]!r} is not a number")
+        return int(text)
+
     def switch(self, state):
         self.xs.write(f"{self.path}/state", state)
         self.state = state
@@ -150,9 +163,13 @@ class Device:
                 self.xs.watch(f"{self.frontend}/state", self.path)
         if self.state is None:
             self.probe()
-        fe_state = self.xs.read(f"{self.frontend}/state") \
-            if self.frontend else None
-        fe_state = int(fe_state) if fe_state else XenbusStateUnknown
+        fe_state = XenbusStateUnknown
+        if self.frontend:
+            try:    # as xenbus_read_driver_state: garbage is Unknown
+                fe_state = self.guest_int(f"{self.frontend}/state",
+                                          XenbusStateUnknown)
+            except DeviceError:
+                pass
         if fe_state in (XenbusStateInitialised, XenbusStateConnected):
             if self.state == XenbusStateInitWait and \
                     self.key("hotplug-status") == "connected":
@@ -190,26 +207,19 @@ class Device:
 
     def _connect(self):
         fe = self.frontend
-        domid = int(self.key("frontend-id"))
-        order = int(self.xs.read(f"{fe}/ring-page-order") or 0)
-        if not 0 <= order <= MAX_RING_PAGE_ORDER:
+        domid = self.guest_int(f"{self.path}/frontend-id")
+        order = self.guest_int(f"{fe}/ring-page-order", None)
+        if order is None:
+            order, names = 0, ["ring-ref"]
+        elif order > MAX_RING_PAGE_ORDER:
             raise DeviceError(f"ring-page-order {order} is above "
                               f"{MAX_RING_PAGE_ORDER}")
-        if int(self.xs.read(f"{fe}/multi-queue-num-queues") or 1) != 1:
-            raise DeviceError("multi-queue was not offered")
-        if self.xs.read(f"{fe}/ring-page-order") is None:
-            names = ["ring-ref"]
         else:
             names = [f"ring-ref{i}" for i in range(1 << order)]
-        refs = []
-        for name in names:
-            value = self.xs.read(f"{fe}/{name}")
-            if value is None:
-                raise DeviceError(f"frontend wrote no {name}")
-            refs.append(int(value))
-        port = self.xs.read(f"{fe}/event-channel")
-        if port is None:
-            raise DeviceError("frontend wrote no event-channel")
+        if self.guest_int(f"{fe}/multi-queue-num-queues", 1) != 1:
+            raise DeviceError("multi-queue was not offered")
+        refs = [self.guest_int(f"{fe}/{name}") for name in names]
+        port = self.guest_int(f"{fe}/event-channel")
         proto = self.xs.read(f"{fe}/protocol")
         if proto is None:
             log.warning("%s: no protocol key, assuming %s", self.path,
@@ -224,7 +234,7 @@ class Device:
         disk = open_image(path, fmt, readonly=readonly)
         try:
             transport = self.backend.transport_factory(domid, refs, order,
-                                                       int(port))
+                                                       port)
             try:
                 dispatcher = Dispatcher(disk, transport, PROTOCOLS[proto],
                                         readonly=readonly,
@@ -321,9 +331,8 @@ class VbdBackend:
 
     def handle(self, path, token):
         if token != self.root:          # a frontend's state: token is ours
-            device = self.devices.get(token)
-            if device is not None:
-                device.update()
+            if token in self.devices:
+                self.update(token)
             return
         parts = path[len(self.root):].strip("/").split("/")
         if len(parts) >= 2:
@@ -350,4 +359,7 @@ class VbdBackend:
             return
         if device is None:
             device = self.devices[path] = Device(self, path)
-        device.update()
+        try:
+            device.update()
+        except Exception as e:      # one device's trouble, not the daemon's
+            log.error("%s: %s", path, e)

@@ -114,8 +114,9 @@ def make_image(path, fmt):
     if fmt == "raw":
         os.rename(raw, path)
     else:
-        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", fmt, raw,
-                        path], check=True)
+        opts = ["-o", "subformat=dynamic"] if fmt == "vpc" else []
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", fmt,
+                        *opts, raw, path], check=True)
         os.unlink(raw)
 
 
@@ -177,6 +178,7 @@ def main():
         "qcow2": (["nbdplug", "qemu-nbd"], "qemu-nbd"),
         # make_image's qemu-img convert writes VMDK as monolithicSparse.
         "vmdk": (["nbdplug", "qemu-nbd"], "qemu-nbd"),
+        "vpc": (["nbdplug", "qemu-nbd"], "qemu-nbd"),
     }
     os.makedirs(args.out, exist_ok=True)
     workdir = tempfile.mkdtemp(prefix="nbdplug-bench.", dir="/var/tmp")

@@ -102,7 +102,6 @@ MAX_GEOMETRY = (65535, 16, 255)
 GRAIN = 8 * SECTOR
 PAGE = 4096         # host file system allocation unit, for leak checks
 
-FULL = "full"       # bitmap cache value: every sector of the block present
 
 
 def checksum(buf, field_offset):
@@ -367,6 +366,7 @@ class VhdDisk(Disk):
             else SECTOR
         self._lock = threading.RLock()
         self._bitmaps = {}
+        self._full = span_bits(0, 8 * geom.bitmap_size)
         # Where the next block goes: over the end footer, or past the end
         # of a file whose end footer is missing.
         size = file.size()
@@ -480,17 +480,20 @@ class VhdDisk(Disk):
     # --- mapping -------------------------------------------------------
 
     def _bitmap(self, block, entry):
-        """The block's sector bitmap (FULL when every sector is present)."""
-        bitmap = self._bitmaps.get(block)
-        if bitmap is None:
-            bitmap = bytearray(self.file.read(self.geom.bitmap_size,
-                                              entry * SECTOR))
-            if _all_set(bitmap, 0, self._sectors_in(block)):
-                bitmap = FULL
-            if len(self._bitmaps) >= BITMAP_CACHE:
-                del self._bitmaps[next(iter(self._bitmaps))]
-            self._bitmaps[block] = bitmap
-        return bitmap
+        """The block's sector bitmap as bits (see bits())."""
+        bits = self._bitmaps.get(block)
+        if bits is None:
+            bits = bits_of(self.file.read(self.geom.bitmap_size,
+                                          entry * SECTOR))
+            self._cache(block, bits)
+        return bits
+
+    def _cache(self, block, bits):
+        if bits == self._full:
+            bits = self._full       # one object for every full block
+        if len(self._bitmaps) >= BITMAP_CACHE:
+            del self._bitmaps[next(iter(self._bitmaps))]
+        self._bitmaps[block] = bits
 
     def _sectors_in(self, block):
         """Sectors of `block` that lie inside the disk."""
@@ -526,14 +529,10 @@ class VhdDisk(Disk):
                     offset += n
                     continue
                 data = entry * SECTOR + bitmap_size
-                bitmap = self._bitmap(block, entry)
-                if bitmap is FULL:
-                    add(offset, n, data + within)
-                    offset += n
-                    continue
+                bits = self._bitmap(block, entry)
                 first = within // SECTOR
                 last = -(-(within + n) // SECTOR)
-                for s, e, present in bit_runs(bitmap, first, last, _bit):
+                for s, e, present in bit_runs(bits, first, last):
                     a = max(within, s * SECTOR)
                     b = min(within + n, e * SECTOR)
                     add(offset + a - within, b - a,
@@ -608,14 +607,13 @@ class VhdDisk(Disk):
             return
         self.file.pwrite(data, entry * SECTOR + self.geom.bitmap_size
                          + within)
-        bitmap = self._bitmap(block, entry)
-        first, count = within // SECTOR, len(data) // SECTOR
-        if bitmap is FULL or _all_set(bitmap, first, first + count):
+        bits = self._bitmap(block, entry)
+        span = span_bits(within // SECTOR, (within + len(data)) // SECTOR)
+        if bits & span == span:
             return
         # The data is durable before bitmap bits claim it.
         self.file.flush()
-        _set_bits(bitmap, first, first + count, True)
-        self._store_bitmap(block, entry, bitmap)
+        self._store_bitmap(block, entry, bits | span)
 
     def _allocate(self, block, within, data):
         geom = self.geom
@@ -629,12 +627,12 @@ class VhdDisk(Disk):
         #    (qemu refuses a BAT entry past the end of the file).  A
         #    dynamic block's unwritten sectors are zeros (fresh file
         #    space), so it claims them all, as qemu does.
-        bitmap = bytearray(geom.bitmap_size)
-        first = within // SECTOR
         if geom.disk_type == DYNAMIC:
-            bitmap[:] = b"\xff" * len(bitmap)
+            bits = span_bits(0, 8 * geom.bitmap_size)
         else:
-            _set_bits(bitmap, first, first + len(data) // SECTOR, True)
+            bits = span_bits(within // SECTOR,
+                             (within + len(data)) // SECTOR)
+        bitmap = raw_bitmap(bits, geom.bitmap_size)
         if within == 0:
             self.file.pwritev([bitmap, data], start)
         else:
@@ -645,13 +643,12 @@ class VhdDisk(Disk):
         # 2. The BAT entry: one sector, durable at the next flush.
         self._set_bat(block, start // SECTOR)
         self._end = end
-        self._bitmaps[block] = FULL if _all_set(
-            bitmap, 0, self._sectors_in(block)) else bitmap
+        self._cache(block, bits)
 
-    def _store_bitmap(self, block, entry, bitmap):
-        self.file.pwrite(bitmap, entry * SECTOR)
-        if _all_set(bitmap, 0, self._sectors_in(block)):
-            self._bitmaps[block] = FULL
+    def _store_bitmap(self, block, entry, bits):
+        self.file.pwrite(raw_bitmap(bits, self.geom.bitmap_size),
+                         entry * SECTOR)
+        self._cache(block, bits)
 
     def _set_bat(self, block, entry):
         self.file.pwrite(BAT_ENTRY.pack(entry),
@@ -720,17 +717,13 @@ class VhdDisk(Disk):
         entry = self.bat[block]
         if entry == UNUSED:
             return
-        bitmap = self._bitmap(block, entry)
-        if bitmap is FULL:
-            bitmap = bytearray(b"\xff" * self.geom.bitmap_size)
-        _set_bits(bitmap, first, last, False)
-        if not _any_set(bitmap, 0, self._sectors_in(block)):
+        bits = self._bitmap(block, entry) & ~span_bits(first, last)
+        if not bits & span_bits(0, self._sectors_in(block)):
             self._release(block, entry)
             return
         # Bits first, so our reads fall through at once; then the bytes,
         # so readers that ignore bitmaps (qemu, Windows) read zeros too.
-        self.file.pwrite(bitmap, entry * SECTOR)
-        self._bitmaps[block] = bitmap
+        self._store_bitmap(block, entry, bits)
         data = entry * SECTOR + self.geom.bitmap_size
         self._zero_host(data + first * SECTOR, (last - first) * SECTOR)
 
@@ -835,8 +828,9 @@ class VhdDisk(Disk):
         for block, entry in enumerate(self.bat):
             if entry == UNUSED or block in bad:
                 continue
-            bitmap = self.file.read(self.geom.bitmap_size, entry * SECTOR)
-            if _any_set(bitmap, 0, self._sectors_in(block)):
+            bits = bits_of(self.file.read(self.geom.bitmap_size,
+                                          entry * SECTOR))
+            if bits & span_bits(0, self._sectors_in(block)):
                 continue
             if repair:
                 self._release(block, entry)
@@ -897,62 +891,38 @@ class VhdDisk(Disk):
         self.file.close()
 
 
-# --- bitmaps (most significant bit first) ---------------------------------
+# --- bitmaps ----------------------------------------------------------------
 
-def _bit(bitmap, i):
-    return bitmap[i >> 3] & (0x80 >> (i & 7))
-
-
-def _all_set(bitmap, first, last):
-    return all(_bit(bitmap, i) for i in _edge_bits(first, last)) and \
-        bitmap[-(-first // 8):last // 8].count(0xFF) == \
-        max(0, last // 8 + first // -8)
+# Bit order reversed within each byte: VHD numbers a bitmap's bits from the
+# most significant, VHDX from the least.
+_REVERSE = bytes(int(f"{b:08b}"[::-1], 2) for b in range(256))
 
 
-def _any_set(bitmap, first, last):
-    return any(_bit(bitmap, i) for i in _edge_bits(first, last)) or \
-        bitmap[-(-first // 8):last // 8].count(0) != \
-        max(0, last // 8 + first // -8)
+def bits_of(raw):
+    """A VHD sector bitmap as an int whose bit i is sector i."""
+    return int.from_bytes(bytes(raw).translate(_REVERSE), "little")
 
 
-def _edge_bits(first, last):
-    """Bits of [first, last) outside the whole bytes it covers."""
-    whole_start, whole_end = _round_up(first, 8), last - last % 8
-    if whole_start >= whole_end:
-        return range(first, last)
-    return list(range(first, whole_start)) + list(range(whole_end, last))
+def raw_bitmap(bits, size):
+    """The `size` bytes of a VHD sector bitmap holding `bits`."""
+    return bits.to_bytes(size, "little").translate(_REVERSE)
 
 
-def _set_bits(bitmap, first, last, value):
-    for i in _edge_bits(first, last):
-        if value:
-            bitmap[i >> 3] |= 0x80 >> (i & 7)
-        else:
-            bitmap[i >> 3] &= ~(0x80 >> (i & 7)) & 0xFF
-    a, b = -(-first // 8), last // 8
-    if a < b:
-        bitmap[a:b] = (b"\xff" if value else b"\0") * (b - a)
+def span_bits(first, last):
+    """Bits first .. last - 1 set."""
+    return ((1 << (last - first)) - 1) << first
 
 
-def bit_runs(bitmap, first, last, bit):
-    """(start, end, present) runs of equal bits in [first, last);
-    `bit(bitmap, i)` tests one (VHD and VHDX number bits differently)."""
+def bit_runs(bits, first, last):
+    """(start, end, present) runs of equal bits of the int `bits` in
+    [first, last)."""
     i = first
     while i < last:
-        present = bool(bit(bitmap, i))
-        j = i + 1
-        while j < last:
-            if j % 8 == 0:
-                # Skip whole bytes of the same value at C speed.
-                same = b"\xff" if present else b"\0"
-                rest = bytes(bitmap[j // 8:last // 8])
-                j += 8 * (len(rest) - len(rest.lstrip(same)))
-                if j >= last:
-                    j = last
-                    break
-            if bool(bit(bitmap, j)) != present:
-                break
-            j += 1
+        present = bool(bits >> i & 1)
+        # The run ends at the first bit that differs: the lowest set bit
+        # of the rest, complemented when the run is of ones.
+        rest = ~(bits >> i) if present else bits >> i
+        j = min(last, i + (rest & -rest).bit_length() - 1) if rest else last
         yield i, j, present
         i = j
 

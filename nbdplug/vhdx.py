@@ -483,7 +483,10 @@ class VhdxDisk(Disk):
             sb = self.bat[geom.bitmap_index(block)] >> 20
             per_block = geom.block_size // geom.logical_sector_size // 8
             within = block % geom.chunk_ratio * per_block
-            bitmap = bytes(self.src.read(per_block, sb * MiB + within))
+            # Bit i of the int is sector i (least significant bit first).
+            bitmap = int.from_bytes(self.src.read(per_block,
+                                                  sb * MiB + within),
+                                    "little")
             if len(self._bitmaps) >= BITMAP_CACHE:
                 del self._bitmaps[next(iter(self._bitmaps))]
             self._bitmaps[block] = bitmap
@@ -517,7 +520,7 @@ class VhdxDisk(Disk):
                 with self._lock:
                     bitmap = self._bitmap(block)
                 first, last = within // lss, -(-(within + n) // lss)
-                for s, e, present in bit_runs(bitmap, first, last, _bit):
+                for s, e, present in bit_runs(bitmap, first, last):
                     a, b = max(within, s * lss), min(within + n, e * lss)
                     add(offset + a - within, b - a,
                         data + a if present else None)
@@ -598,8 +601,3 @@ def _linkage(path, text, key):
     except ValueError:
         raise CorruptImage(path, FMT, f"{text!r} is not a GUID",
                            f"parent locator {key}") from None
-
-
-def _bit(bitmap, i):
-    """Sector bitmaps number bits least significant first."""
-    return bitmap[i >> 3] >> (i & 7) & 1

@@ -63,11 +63,15 @@ def refuse_others(networks):
     checked before it can send or receive a byte of NBD."""
     for sock in accepted_sockets():
         with sock:
-            if sock.family in (socket.AF_INET, socket.AF_INET6):
+            if sock.family not in (socket.AF_INET, socket.AF_INET6):
+                continue
+            try:
                 addr = ipaddress.ip_address(sock.getpeername()[0])
-                addr = getattr(addr, "ipv4_mapped", None) or addr
-                if not any(addr in net for net in networks):
-                    _hang_up(sock)
+            except OSError:
+                continue                # hung up already
+            addr = getattr(addr, "ipv4_mapped", None) or addr
+            if not any(addr in net for net in networks):
+                _hang_up(sock)
 
 
 class StopOnSignal:

@@ -434,14 +434,31 @@ for call in ("pwrite", "trim", "zero"):
 
 
 def test_allow_list_turns_others_away(hosts, pki, images, tmp_path):
+    """Only the client host is allowed; the server host itself, connecting
+    to the same address, is turned away, and that does not disturb the
+    client's connections before or after."""
     raw, _ = images
     ip = hosts.server.ip
     with remote_server(hosts, tmp_path, "--tls-psk", pki.psk,
-                       "--allow", "10.99.0.0/16,fd00:99::1",
+                       "--allow", f"10.99.0.0/16,{hosts.client.ip}",
                        raw) as (port, _):
-        err = refused(hosts.client.run(
-            ["nbdinfo", "--size", psk_uri(ip, port, "", pki)], check=False))
-        assert err
+        uri = psk_uri(ip, port, "", pki)
+        holder = client_popen(
+            hosts, "h = connect(argv[0])\nprint(h.get_size(), flush=True)"
+            "\nsys.stdin.read()\nprint(len(h.pread(4096, 0)))", uri,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        try:
+            assert holder.stdout.readline() == f"{16 * MiB}\n"
+            for _ in range(2):
+                refused(hosts.server.run(["nbdinfo", "--size", uri],
+                                         check=False))
+                assert int(hosts.client.run(["nbdinfo", "--size",
+                                             uri]).stdout) == 16 * MiB
+            out, _ = holder.communicate("", timeout=30)
+            assert out == "4096\n"
+        finally:
+            holder.kill()
+            holder.wait()
 
 
 # --- stopping and crashing with clients connected ---------------------

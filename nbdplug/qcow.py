@@ -18,6 +18,7 @@ zero punches plain clusters in place.  AES-encrypted images are refused.
 
 import array
 import collections
+import contextlib
 import dataclasses
 import os
 import sys
@@ -103,16 +104,20 @@ class Geometry:
     def l1_bytes(self):
         return 8 * self.l1_entries
 
+    def extent(self, entry):
+        """(host offset, length) of the bytes an L2 entry points at: a
+        compressed cluster keeps its length in the bits below bit 63."""
+        if not entry & QCOW_OFLAG_COMPRESSED:
+            return entry, self.cluster_size
+        shift = 63 - self.cluster_bits
+        return (entry & ((1 << shift) - 1),
+                (entry >> shift) & (self.cluster_size - 1))
+
     def entry_problem(self, entry, file_size):
         """Why an L2 entry cannot be used, or None if it can."""
-        if entry & QCOW_OFLAG_COMPRESSED:
-            shift = 63 - self.cluster_bits
-            offset = entry & ((1 << shift) - 1)
-            length = (entry >> shift) & (self.cluster_size - 1)
-            if length == 0:
-                return f"compressed cluster at {offset:#x} has length 0"
-        else:
-            offset, length = entry, self.cluster_size
+        offset, length = self.extent(entry)
+        if length == 0:
+            return f"compressed cluster at {offset:#x} has length 0"
         if offset < self.metadata_end:
             return f"cluster at {offset:#x} overlaps the header or L1 table"
         if offset + length > file_size:
@@ -200,11 +205,10 @@ class QcowDisk(Disk):
     can_trim = True
     can_zero = True
 
-    def __init__(self, file, geo, l1, backing, readonly):
+    def __init__(self, file, geo, l1, readonly):
         super().__init__(file.path, geo.size, readonly)
         self.file = file
         self.geo = geo
-        self.backing = backing
         self.backing_name = geo.backing_name
         self.cluster_size = geo.cluster_size
         self.preferred_block = max(4096, geo.cluster_size)
@@ -247,16 +251,18 @@ class QcowDisk(Disk):
                     if problem:
                         raise CorruptImage(path, FORMAT, problem,
                                            f"L1 entry {index}")
-            if geo.backing_name is not None:
-                backing = ctx.open_backing(path, FORMAT, geo.backing_name,
-                                           None, "backing_file")
-            disk = cls(file, geo, l1, backing, readonly)
+            disk = cls(file, geo, l1, readonly)
             # Validate every L2 table now, so a bad one is refused at
             # open rather than met halfway through serving.
             with disk._lock:
                 for l2_offset in l1:
                     if l2_offset:
                         disk._table(l2_offset)
+            if geo.backing_name is not None:
+                # qcow records no backing format: probe it (read-only).
+                backing = ctx.open_backing(path, FORMAT, geo.backing_name,
+                                           None, "backing_file")
+                disk.backing = backing
             return disk
         except BaseException:
             if backing is not None:
@@ -468,19 +474,16 @@ class QcowDisk(Disk):
         cached_entry, data = self._inflated
         if cached_entry == entry:
             return data
-        shift = 63 - self.geo.cluster_bits
-        offset = entry & ((1 << shift) - 1)
-        length = (entry >> shift) & (self.cluster_size - 1)
+        offset, length = self.geo.extent(entry)
         raw = self.file.read(length, offset)
         try:
             # qemu deflates with a 4 KiB window and no zlib header.
             data = zlib.decompressobj(-12).decompress(raw, self.cluster_size)
-        except zlib.error as e:
-            data = f"does not inflate ({e})"
-        if not isinstance(data, bytes) or len(data) != self.cluster_size:
-            self._corrupt(f"compressed cluster at {offset:#x} "
-                          + (data if isinstance(data, str) else
-                             "inflates to less than a cluster"), "L2 entry")
+        except zlib.error:
+            data = b""
+        if len(data) != self.cluster_size:
+            self._corrupt(f"compressed cluster at {offset:#x} does not "
+                          "inflate to a whole cluster", "L2 entry")
         self._inflated = (entry, data)
         return data
 
@@ -543,8 +546,8 @@ class QcowDisk(Disk):
                 continue
             table = tables.get(l1_index)
             if table is None:
-                table = tables[l1_index] = array.array(
-                    "Q", bytes(self.geo.l2_bytes))
+                table = tables[l1_index] = \
+                    array.array("Q", [0]) * (1 << self.geo.l2_bits)
             table[cluster & mask] = host + (i << bits)
         placed = {}
         for l1_index, table in tables.items():
@@ -622,7 +625,8 @@ class QcowDisk(Disk):
                                 if e and not e & QCOW_OFLAG_COMPRESSED]
             cluster = stop
         for host in punches:
-            self._zero_host(host, self.cluster_size)
+            with contextlib.suppress(OSError):      # freeing is best effort
+                self.file.punch(host, self.cluster_size)
 
     def zero(self, count, offset, may_trim=False, fua=False):
         """Plain clusters are punched in place (still allocated, reading
@@ -633,7 +637,10 @@ class QcowDisk(Disk):
             segments = self._segments(offset, count)
         for pos, length, kind, where in segments:
             if kind == PLAIN:
-                self._zero_host(where, length)
+                try:
+                    self.file.punch(where, length)
+                except OSError:
+                    self.file.write_zeroes(where, length)
                 continue
             if kind == UNALLOCATED and (self.backing is None or
                                         pos >= self.backing.size):
@@ -643,12 +650,6 @@ class QcowDisk(Disk):
                 self.pwrite(zeros[:pos + length - at], at)
         if fua:
             self.file.flush()
-
-    def _zero_host(self, offset, length):
-        try:
-            self.file.punch(offset, length)
-        except OSError:
-            self.file.write_zeroes(offset, length)
 
     # --- checks -------------------------------------------------------
 
@@ -706,12 +707,8 @@ class QcowDisk(Disk):
                     if problem:
                         report.corrupt(f"{where}: {problem}")
                         continue
-                    start, length = entry, geo.cluster_size
-                    if entry & QCOW_OFLAG_COMPRESSED:
-                        compressed += 1
-                        shift = 63 - geo.cluster_bits
-                        start = entry & ((1 << shift) - 1)
-                        length = (entry >> shift) & (geo.cluster_size - 1)
+                    compressed += entry >> 63
+                    start, length = geo.extent(entry)
                     if not space.claim(start, length):
                         report.corrupt(f"{where}: cluster at {start:#x} "
                                        "overlaps other metadata or data")

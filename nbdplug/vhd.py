@@ -541,6 +541,16 @@ class VhdDisk(Disk):
         return runs
 
     def pread(self, buf, offset):
+        geom = self.geom
+        if geom.block_size:
+            # Fast path: inside one block whose every sector is present.
+            block, within = divmod(offset, geom.block_size)
+            if 0 <= offset and within + len(buf) <= geom.block_size and \
+                    offset + len(buf) <= self.size and \
+                    self._bitmaps.get(block) is self._full:
+                self.file.pread(buf, self.bat[block] * SECTOR +
+                                geom.bitmap_size + within)
+                return
         self._check_request(len(buf), offset, write=False)
         view = memoryview(buf)
         pos = 0

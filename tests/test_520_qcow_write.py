@@ -187,6 +187,29 @@ def test_threads_writing_one_cluster_lose_nothing(tmp_path):
     assert_reads(image, bytes(model), tmp_path)
 
 
+def test_blktap_layout(tmp_path):
+    """The layout Xen's 2006 blktap qcow-create wrote: Xen's extended
+    header after qemu's, the L1 table on its own 4 KiB page."""
+    size = 8 * MiB
+    l1_entries = size >> 21
+    hdr = HEADER.pack(magic=0x514649FB, version=1, backing_file_offset=0,
+                      backing_file_size=0, mtime=0, size=size,
+                      cluster_bits=12, l2_bits=9, padding=0, crypt_method=0,
+                      l1_table_offset=4096)
+    xen = struct.pack(">4I", 0x58454EFB, 0, 512, 1)  # XEN magic, sparse
+    image = tmp_path / "t.qcow"
+    image.write_bytes(hdr + xen + bytes(4096 - len(hdr) - len(xen)
+                                        + 8 * l1_entries))
+    model = bytearray(size)
+    with open_image(str(image), "qcow", readonly=False) as disk:
+        for offset, length in ((0, 4096), (3 * MiB - 7, 9000),
+                               (size - 512, 512)):
+            data = random.Random(offset).randbytes(length)
+            disk.pwrite(data, offset)
+            model[offset:offset + length] = data
+    assert_reads(str(image), bytes(model), tmp_path)
+
+
 def test_created_image_as_qemu_sees_it(tmp_path):
     image = create(tmp_path / "t.qcow", "1000")      # rounded up to 1024
     info = json.loads(run(["qemu-img", "info", "--output=json",

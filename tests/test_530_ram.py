@@ -1,6 +1,7 @@
-"""The shared RAM disk: two nbdkit servers on one `ram:NAME` see each
-other's writes at once and advertise multi-conn; names, creation and
-removal through `nbdplug`; a full tmpfs is an error, not a crash."""
+"""The shared RAM disk: two nbdkit servers (or nbdkit and tapbridge) on
+one `ram:NAME` see each other's writes at once, and multi-conn is
+advertised; names, creation and removal through `nbdplug`; a full tmpfs
+is an error, not a crash."""
 
 import contextlib
 import errno
@@ -8,6 +9,7 @@ import itertools
 import json
 import os
 import subprocess
+import sys
 
 import nbd
 import pytest
@@ -15,6 +17,10 @@ import pytest
 from conftest import nbdplug, run, served
 from nbdplug import open_image
 from nbdplug.ram import DATA_OFFSET, RAM_DIR, RamDisk
+from tapbridge.abi import BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_RSP_OKAY
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "tapbridge"))
+from tbharness import Backend, Frontend, ShmDir, sector_data  # noqa: E402
 
 MiB = 1 << 20
 _names = itertools.count()
@@ -52,6 +58,32 @@ def test_two_servers_see_each_others_writes_at_once(ram):
     with open(path(ram), "rb") as f:
         f.seek(DATA_OFFSET + 3 * MiB + 512)
         assert f.read(488) == b"\x5a" * 488
+
+
+def test_tapbridge_and_nbdkit_share_one_ram_disk(ram, tmp_path):
+    """A Xen guest's ring (tapbridge) and an NBD client (nbdkit) on the
+    same RAM disk read each other's writes at once."""
+    shm = ShmDir(tmp_path / "shm", 16)
+    ring = Frontend(shm)
+    backend = Backend(shm, f"ram:{ram}", fmt="ram")
+    try:
+        with served(path(ram), "ram") as srv:
+            h = srv.connect()
+            written = sector_data(800, 8, 3)
+            shm.fill(3, written)
+            ring.req(BLKIF_OP_WRITE, 1, 800, [(3, 0, 7)])
+            ring.push()
+            assert ring.get(1) == [(1, BLKIF_OP_WRITE, BLKIF_RSP_OKAY)]
+            assert h.pread(4096, 800 * 512) == written
+            h.pwrite(b"\x77" * 4096, 2 * MiB)
+            ring.req(BLKIF_OP_READ, 2, 2 * MiB // 512, [(4, 0, 7)])
+            ring.push()
+            assert ring.get(1) == [(2, BLKIF_OP_READ, BLKIF_RSP_OKAY)]
+            assert shm.page(4) == b"\x77" * 4096
+    finally:
+        ring.close()
+        assert backend.stop()[0] == 0
+        shm.close()
 
 
 def test_trim_returns_memory_and_extents_show_holes(ram):

@@ -413,22 +413,25 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def build_parser(verbs=None):
-    parser = _Parser(prog=PROG, description="VM disk images as block "
-                     "devices, through one driver code path.")
+DESCRIPTION = "VM disk images as block devices, through one driver code path."
+
+
+def build_parser(verbs=None, prog=PROG, description=DESCRIPTION):
+    parser = _Parser(prog=prog, description=description)
     sub = parser.add_subparsers(dest="verb", metavar="VERB",
                                 parser_class=_Parser)
     for name, handler, add_args, synopsis in verbs or VERBS:
-        p = sub.add_parser(name, usage=f"{PROG} {synopsis}",
+        p = sub.add_parser(name, usage=f"{prog} {synopsis}",
                            help=synopsis.split(" ", 1)[-1])
         add_args(p)
         p.set_defaults(handler=handler)
     return parser
 
 
-def main(argv=None, verbs=None):
-    """Run one verb from `verbs` (default VERBS; hotplug adds its own)."""
-    parser = build_parser(verbs)
+def main(argv=None, verbs=None, prog=PROG, description=DESCRIPTION):
+    """Run one verb from `verbs` (default VERBS; hotplug adds its own;
+    tapbridge runs its own table as command `prog`)."""
+    parser = build_parser(verbs, prog, description)
     try:
         args = parser.parse_args(argv)
         if not getattr(args, "handler", None):
@@ -436,11 +439,11 @@ def main(argv=None, verbs=None):
             return 2
         return args.handler(args) or 0
     except (UsageError, ImageError) as e:
-        print(f"{PROG}: {e}", file=sys.stderr)
+        print(f"{prog}: {e}", file=sys.stderr)
         return 2
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
-        print(f"{PROG}: {where}{e.strerror or e}", file=sys.stderr)
+        print(f"{prog}: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

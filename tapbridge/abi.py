@@ -47,6 +47,9 @@ SRING_HEADER = Layout("<", "blkif sring", "req_prod:I req_event:I "
                       "rsp_prod:I rsp_event:I pvt:4s pad:44s")
 
 RING_IDX_MASK = 0xFFFFFFFF  # indices run free as uint32
+# The largest ring we map: 16 pages, as Linux (XENBUS_MAX_RING_GRANT_ORDER)
+# and QEMU allow.
+MAX_RING_PAGE_ORDER = 4
 
 BLKIF_REQUEST_SEGMENT = Layout("<", "blkif request segment",
                                "gref:I first_sect:B last_sect:B pad1:2s")

@@ -9,20 +9,19 @@ ring stops that ring with one line and exit status 1; SIGTERM finishes the
 requests in flight, flushes and exits 0.
 """
 
-import argparse
 import logging
 import os
 import signal
 import sys
 
-from nbdplug.errors import ImageError, UsageError
-from nbdplug.opener import FORMATS, open_image
+from nbdplug import cli
+from nbdplug.errors import UsageError
+from nbdplug.opener import open_image
 
-from .abi import PROTOCOLS, X86_64
+from .abi import MAX_RING_PAGE_ORDER, PROTOCOLS, X86_64
 from .dispatch import DEFAULT_WORKERS, Dispatcher
 from .ring import RingOverrun
 from .shm import RING, ShmTransport
-from .vbd import MAX_RING_PAGE_ORDER
 
 PROG = "tapbridge"
 
@@ -93,9 +92,7 @@ def _args_serve_xen(p):
 
 
 def _args_serve_shm(p):
-    p.add_argument("-f", dest="format", choices=sorted(FORMATS),
-                   metavar="FMT", help="image format (" +
-                   ", ".join(sorted(FORMATS)) + ")")
+    cli._add_format(p)
     p.add_argument("--order", type=int, default=0,
                    help="ring-page-order: the ring is 4096 << N bytes")
     p.add_argument("--protocol", choices=sorted(PROTOCOLS),
@@ -116,43 +113,11 @@ VERBS = [
 ]
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(message)
-
-
-def build_parser():
-    parser = _Parser(prog=PROG, description="Serve a Xen guest's virtual "
-                     "disk from the blkif shared ring through nbdplug's "
-                     "image drivers.")
-    sub = parser.add_subparsers(dest="verb", metavar="VERB",
-                                parser_class=_Parser)
-    for name, handler, add_args, synopsis in VERBS:
-        p = sub.add_parser(name, usage=f"{PROG} {synopsis}",
-                           help=synopsis.split(" ", 1)[-1])
-        add_args(p)
-        p.set_defaults(handler=handler)
-    return parser
-
-
 def main(argv=None):
     logging.basicConfig(format=f"{PROG}: %(message)s", level=logging.INFO)
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-        if not getattr(args, "handler", None):
-            parser.print_help()
-            return 2
-        return args.handler(args) or 0
-    except (UsageError, ImageError) as e:
-        print(f"{PROG}: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"{PROG}: {where}{e.strerror or e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return cli.main(argv, VERBS, PROG, "Serve a Xen guest's virtual disk "
+                    "from the blkif shared ring through nbdplug's image "
+                    "drivers.")
 
 
 if __name__ == "__main__":

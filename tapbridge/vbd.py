@@ -35,8 +35,9 @@ from nbdplug.errors import ImageError
 from nbdplug.opener import open_image
 
 from . import abi
-from .abi import (PROTOCOL_DEFAULT, PROTOCOLS, VDISK_CDROM, VDISK_READONLY,
-                  VDISK_REMOVABLE, XenbusStateClosed, XenbusStateClosing,
+from .abi import (MAX_RING_PAGE_ORDER, PROTOCOL_DEFAULT, PROTOCOLS,
+                  VDISK_CDROM, VDISK_READONLY, VDISK_REMOVABLE,
+                  XenbusStateClosed, XenbusStateClosing,
                   XenbusStateConnected, XenbusStateInitialised,
                   XenbusStateInitialising, XenbusStateInitWait,
                   XenbusStateUnknown)
@@ -47,7 +48,6 @@ from .ring import RingOverrun
 log = logging.getLogger("tapbridge")
 
 SCRIPT = "block-tapbridge"      # the devices we serve name this script
-MAX_RING_PAGE_ORDER = 4         # as blkback and QEMU
 COMMIT_ATTEMPTS = 20
 _REQUIRED = object()
 

@@ -395,7 +395,7 @@ def workload(fe, shm, rng, model, count, sectors):
         model[sector * 512:sector * 512 + len(data)] = data
 
 
-FORMATS = ["raw", "qcow2", "vpc", "vmdk"]
+FORMATS = ["raw", "qcow2", "vpc", "vmdk", "qcow"]
 QEMU_CHECKS = {"qcow2", "vmdk"}
 
 

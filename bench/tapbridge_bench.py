@@ -1,0 +1,142 @@
+"""tapbridge next to NBD: the same driver through the blkif ring and
+through nbdkit with the plugin, in the same run.
+
+The ring is the shared-memory transport driven by the C test frontend
+(Xen's ring.h macros; tests/tapbridge/frontend.c) keeping a fixed number
+of requests in flight, as a guest's blkfront would; NBD is fio's nbd
+engine at the same depth against nbdkit serving the same image with our
+plugin.  4 KiB random reads and writes (IOPS) and 1 MiB random reads and
+writes (MiB/s), ring orders 0 and 4 at 32 and 256 requests in flight.
+Each figure is the median of ROUNDS runs after a 1 s ramp; results go to
+bench/results/tapbridge.{json,md}.
+
+    python bench/tapbridge_bench.py [--format raw|qcow2]
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(REPO, "tests", "tapbridge"))
+sys.path.insert(0, HERE)
+
+from bench import ROUNDS, RUNTIME, fio, make_image, nbdplug_server  # noqa
+from tbharness import Backend, Frontend, ShmDir  # noqa: E402
+
+MiB = 1 << 20
+GiB = 1 << 30
+# (name, fio/frontend mode, block size)
+WORKLOADS = [
+    ("rand read 4K", "randread", "4k"),
+    ("rand write 4K", "randwrite", "4k"),
+    ("rand read 1M", "randread", "1M"),
+    ("rand write 1M", "randwrite", "1M"),
+]
+# (ring-page-order, requests in flight); order 0 holds only 32
+RINGS = [(0, 32), (4, 32), (4, 256)]
+_BYTES = {"4k": 4096, "1M": MiB}
+
+
+def ring(image, fmt, workdir, mode, bs, order, qd):
+    """IOPS (4k) or MiB/s (1M) through serve-shm at `qd` in flight."""
+    nbytes = _BYTES[bs]
+    # Guest memory: each slot's data pages, then its indirect page.
+    shm = ShmDir(os.path.join(workdir, "shm"), qd * (nbytes // 4096 + 1))
+    fe = Frontend(shm, order)
+    be = Backend(shm, image, fmt=fmt, order=order)
+    try:
+        fe.bench(mode, nbytes, qd, 1, GiB)          # ramp
+        ops, errors, seconds = fe.bench(mode, nbytes, qd, RUNTIME, GiB)
+    finally:
+        be.stop()
+        fe.close()
+        shm.close()
+        shutil.rmtree(shm.path)
+    if errors:
+        raise RuntimeError(f"{errors} requests failed through the ring")
+    return ops * nbytes / MiB / seconds if nbytes >= MiB else ops / seconds
+
+
+def nbd(image, fmt, workdir, mode, bs, qd):
+    sock = os.path.join(workdir, "nbd.sock")
+    with nbdplug_server(image, fmt, sock) as uri:
+        return fio(uri, mode, bs, qd, 1, os.path.join(workdir, "fio.json"))[0]
+
+
+def summary(values):
+    return {"median": statistics.median(values), "min": min(values),
+            "max": max(values)}
+
+
+def run(fmt, workdir, shmdir):
+    image = os.path.join(workdir, f"bench.{fmt}")
+    make_image(image, fmt)
+    os.sync()       # no writeback of the new image under the measurements
+    results = {}
+    for name, mode, bs in WORKLOADS:
+        unit = "MiB/s" if bs == "1M" else "IOPS"
+        peers = {qd: summary([nbd(image, fmt, workdir, mode, bs, qd)
+                              for _ in range(ROUNDS)])
+                 for qd in sorted({qd for _, qd in RINGS})}
+        for order, qd in RINGS:
+            r = summary([ring(image, fmt, shmdir, mode, bs, order, qd)
+                         for _ in range(ROUNDS)])
+            r["nbd"] = peers[qd]
+            r["ratio"] = r["median"] / peers[qd]["median"]
+            r["unit"] = unit
+            key = f"{name} order {order} QD{qd}"
+            results[key] = r
+            print(f"{fmt:6} {key:32} ring {r['median']:9.0f} {unit:5}  "
+                  f"nbd {peers[qd]['median']:9.0f}  {r['ratio']:.2f}x",
+                  flush=True)
+    os.unlink(image)
+    return results
+
+
+def markdown(fmt, results):
+    lines = [f"\n**tapbridge shm ring vs nbdkit + plugin over NBD, {fmt}** "
+             "(same driver, same run; ratio ring/NBD at the same depth)\n",
+             "| workload | ring | NBD (fio) | ratio |", "|---|---|---|---|"]
+    for key, r in results.items():
+        lines.append(
+            f"| {key} | {r['median']:.0f} {r['unit']} "
+            f"[{r['min']:.0f}-{r['max']:.0f}] | {r['nbd']['median']:.0f} "
+            f"[{r['nbd']['min']:.0f}-{r['nbd']['max']:.0f}] | "
+            f"{r['ratio']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--format", default="raw", choices=("raw", "qcow2"))
+    parser.add_argument("--out", default=os.path.join(REPO, "bench",
+                                                      "results"))
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    workdir = tempfile.mkdtemp(prefix="tapbridge-bench.", dir="/var/tmp")
+    # Guest memory lives in RAM, as it would.
+    shmdir = tempfile.mkdtemp(prefix="tapbridge-bench.", dir="/dev/shm")
+    try:
+        results = run(args.format, workdir, shmdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(shmdir, ignore_errors=True)
+    meta = {"rounds": ROUNDS, "runtime_s": RUNTIME, "cpus": os.cpu_count(),
+            "format": args.format, "date": time.strftime("%Y%m%d-%H%M%S")}
+    with open(os.path.join(args.out, "tapbridge.json"), "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=2)
+    table = markdown(args.format, results)
+    with open(os.path.join(args.out, "tapbridge.md"), "w") as f:
+        f.write(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -109,7 +109,7 @@ class RawDisk(Disk):
         if self.readonly:
             self.check_writable()
         if offset < 0 or count < 0 or offset + count > self.size:
-            raise RequestError(self.path, "raw",
+            raise RequestError(self.path, self.format_name,
                              f"request {offset}+{count} is beyond the end "
                              f"of the disk ({self.size})")
 

@@ -118,7 +118,10 @@ class Qcow2Disk(Disk):
 
     @classmethod
     def probe(cls, file):
-        return bytes(file.read(4, 0)) == struct.pack(">I", S.MAGIC)
+        # qcow version 1 shares the magic: the version tells them apart.
+        head = bytes(file.read(8, 0))
+        return head[:4] == struct.pack(">I", S.MAGIC) and \
+            struct.unpack(">I", head[4:8])[0] in (2, 3)
 
     @classmethod
     def create(cls, path, size, options, backing=None, backing_fmt=None):
@@ -175,7 +178,8 @@ class Qcow2Disk(Disk):
         """Fast path for the common request: inside one cluster whose L2
         table is cached and whose entry is plain data (for writes: owned,
         refcount one).  Returns the host offset, or None to take the
-        general path.  Caller holds the lock."""
+        general path.  Each step is one atomic operation on a built-in
+        container, so readers may call this without the lock."""
         if self.extended or (offset & self.cluster_mask) + length > \
                 self.cluster_size:
             return None
@@ -192,16 +196,24 @@ class Qcow2Disk(Disk):
         return (entry & S.L2E_OFFSET_MASK) + (offset & self.cluster_mask)
 
     def pread(self, buf, offset):
+        # Reads of owned plain clusters take no lock and no I/O token:
+        # each step below is one atomic operation on a built-in container,
+        # and a read racing a discard of the same range may return what
+        # the cluster holds next, which NBD leaves undefined anyway.
+        # Writes, which could damage another cluster, always register.
+        m = self.map_
+        owned = m.owned.get(m.l1[offset >> self.l1_shift] &
+                            S.L1E_OFFSET_MASK)
+        if owned is not None:
+            host = owned[(offset >> self.cluster_bits) & self.l2_mask]
+            rel = offset & self.cluster_mask
+            if host and rel + len(buf) <= self.cluster_size:
+                return self.file.pread(buf, host + rel)
         with self.lock:
-            host = self._plain_host(offset, len(buf), False)
-            if host is None:
-                runs = self._runs(offset, len(buf))
+            runs = self._runs(offset, len(buf))
             token = self._io_start()
         try:
-            if host is not None:
-                self.file.pread(buf, host)
-            else:
-                self._fill(memoryview(buf), offset, runs)
+            self._fill(memoryview(buf), offset, runs)
         finally:
             with self.lock:
                 del self.inflight[token]
@@ -519,7 +531,7 @@ class Qcow2Disk(Disk):
             content = bytes(self.cluster_size)
         self.file.pwrite(content, new)
         self.file.flush()
-        self.map_.cache.pop(old, None)
+        self.map_.forget(old)
         self.map_.set_l1(l1_index, new | S.QCOW_OFLAG_COPIED)
         if old:
             self._drop([old >> self.cluster_bits])

@@ -5,6 +5,7 @@ The caller holds the disk's metadata lock.  Every L2 table is validated
 as it enters the cache, so later code can trust its offsets.
 """
 
+import array
 import collections
 import struct
 
@@ -16,6 +17,10 @@ FMT = "qcow2"
 L2_CACHE_BYTES = 32 << 20
 
 # What a guest (sub)cluster holds.
+# An entry is owned plain data when of these bits only COPIED is set.
+_NOT_OWNED_PLAIN = S.QCOW_OFLAG_COPIED | S.QCOW_OFLAG_COMPRESSED | \
+    S.QCOW_OFLAG_ZERO
+
 UNALLOCATED = 0     # read from the backing image, else zeros
 ZERO = 1            # reads as zeros (host may hold a preallocation)
 NORMAL = 2          # stored plainly at a host offset
@@ -36,6 +41,10 @@ class Mapping:
         self.l1_offset = l1_offset
         self.l1 = load_table(file, l1_offset, l1_size)
         self.cache = collections.OrderedDict()      # l2 offset -> array
+        # For each cached table, the host offset of every cluster that is
+        # plain data we own (refcount one, all subclusters allocated), 0
+        # elsewhere: the read fast path is one lookup in it.
+        self.owned = {}                             # l2 offset -> array
         self.bad = {}       # l2 offset -> {index: reason}, entries refused
         self.cache_limit = max(4, L2_CACHE_BYTES // geo.cluster_size)
         # Compressed descriptor split (see the spec's x).
@@ -70,10 +79,33 @@ class Mapping:
             self.bad[offset] = bad
         else:
             self.bad.pop(offset, None)
+        owned = array.array("Q", bytes(8 * self.l2_entries))
+        for i in range(self.l2_entries):
+            if i not in bad:
+                owned[i] = self._owned_host(*self._pair(table, i))
         self.cache[offset] = table
+        self.owned[offset] = owned
         if len(self.cache) > self.cache_limit:
-            self.cache.popitem(last=False)
+            old, _ = self.cache.popitem(last=False)
+            del self.owned[old]
         return table
+
+    def forget(self, offset):
+        """Drop a table from the cache (it moved)."""
+        self.cache.pop(offset, None)
+        self.owned.pop(offset, None)
+
+    def _pair(self, table, i):
+        if self.extended:
+            return table[2 * i], table[2 * i + 1]
+        return table[i], 0
+
+    def _owned_host(self, entry, bitmap):
+        if entry & _NOT_OWNED_PLAIN != S.QCOW_OFLAG_COPIED:
+            return 0
+        if self.extended and bitmap & 0xFFFFFFFF != 0xFFFFFFFF:
+            return 0
+        return entry & S.L2E_OFFSET_MASK
 
     def _validate(self, table):
         """Entries of a freshly loaded L2 table that cannot be trusted,
@@ -142,6 +174,7 @@ class Mapping:
         else:
             table[i] = entry
             self.file.pwrite(struct.pack(">Q", entry), offset + 8 * i)
+        self.owned[offset][i] = self._owned_host(entry, bitmap)
 
     def set_entries(self, updates):
         """Write many (cluster, entry, bitmap) updates through, one write
@@ -167,6 +200,7 @@ class Mapping:
                 else:
                     table[k] = entry
                     packed += struct.pack(">Q", entry)
+                self.owned[offset][k] = self._owned_host(entry, bitmap)
                 j += 1
             self.file.pwrite(packed, offset + size * first)
             i = j

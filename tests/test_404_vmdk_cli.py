@@ -208,7 +208,7 @@ def test_check_repair_is_refused(tmp_path):
 # --- descriptors -------------------------------------------------------------
 
 def test_descriptor_crlf_quotes_and_cid_span():
-    text = (b'# Disk DescriptorFile\r\nversion=1\r\nencoding="UTF-8"\r\n'
+    text = (b'\xef\xbb\xbfversion=1\r\nencoding="UTF-8"\r\n'
             b'  CID = "00ab12" \r\nparentCID=ffffffff\r\n'
             b'createType="twoGbMaxExtentFlat"\r\n'
             b'RW 100 FLAT "my disk-f001.vmdk" 0\r\n'
@@ -265,3 +265,17 @@ def test_split_extent_opened_directly_is_read_only(tmp_path):
         assert buf == b"\x09" * 65536
     with pytest.raises(UnsupportedFeature, match="no descriptor with a CID"):
         open_image(str(extent), "vmdk", readonly=False)
+
+
+def test_convert_compressed_as_qemu_img_does(tmp_path):
+    """-c deflates a streamOptimized target's grains; other subformats
+    store them plainly, as qemu-img convert -c does."""
+    src = tmp_path / "src.raw"
+    src.write_bytes(b"".join(b"%08d" % i for i in range(MiB)))    # 8 MiB
+    for subformat in ("streamOptimized", "monolithicSparse"):
+        out = tmp_path / f"{subformat}.vmdk"
+        nbdplug("convert", "-c", "-O", "vmdk", "-o",
+                f"subformat={subformat}", src, out)
+        run(["qemu-img", "compare", "-f", "raw", str(src), str(out)])
+    assert os.path.getsize(tmp_path / "streamOptimized.vmdk") * 2 < \
+        os.path.getsize(tmp_path / "monolithicSparse.vmdk")

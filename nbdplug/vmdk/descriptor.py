@@ -46,6 +46,7 @@ _EXTENT = re.compile(rb'^(RW|RDONLY|NOACCESS)\s+(\d{1,20})\s+([A-Z]+)'
                      rb'(?:\s+"([^"]*)"(?:\s+(\d{1,20}))?)?$')
 _KEY = re.compile(rb'^([A-Za-z][A-Za-z0-9_.]*)\s*=\s*(.*)$')
 _CID = re.compile(rb'^(CID\s*=\s*"?)([0-9a-fA-F]{1,8})"?$')
+_BOM = b"\xef\xbb\xbf"            # Windows editors save one
 
 
 class ExtentLine(typing.NamedTuple):
@@ -87,7 +88,7 @@ def parse(data, path, fmt="vmdk"):
         start, pos = pos, pos + len(raw) + 1
         if len(raw) > MAX_LINE:
             raise corrupt(f"line {number} is longer than {MAX_LINE} bytes")
-        line = raw.strip()
+        line = raw.strip().removeprefix(_BOM).strip()
         if not line or line.startswith(b"#"):
             continue
         m = _EXTENT.match(line)
@@ -195,4 +196,4 @@ def render(create_type, cid, extents, ddb, parent_cid=NO_PARENT,
 
 def is_descriptor(head):
     """Does a file starting with `head` look like a text descriptor?"""
-    return head.lstrip(b"\xef\xbb\xbf").startswith(DESCRIPTOR_MAGIC)
+    return head.removeprefix(_BOM).startswith(DESCRIPTOR_MAGIC)

@@ -54,6 +54,9 @@ def _raise(error):
 class VmdkDisk(Disk):
     format_name = FMT
     can_zero = True
+    # convert -c: streamOptimized grains are always deflated; the other
+    # subformats store grains plainly and ignore it, as qemu-img does.
+    can_compress = True
 
     def __init__(self, path, readonly, desc, desc_file, desc_base, extents,
                  locks):

@@ -1,10 +1,15 @@
-"""tapbridge: serve a Xen guest's disk from its blkif shared ring.
+"""tapbridge: serve a Xen guest's disk from its blkif shared ring, through
+the same nbdplug Disk objects the nbdkit plugin serves.
 
-tapbridge will own the Xen blkif ring ABI (native x86_64 and x86_32
-request/response layouts, measured against Xen's headers), the ring
-transports (Xen grant and event-channel devices, and a shared-memory
-transport for tests and local use), the dispatcher that turns ring
-requests into calls on an nbdplug Disk (the same driver objects the nbdkit
-plugin serves), the xenstore backend state machine, and the `tapbridge`
-command.  It imports nbdplug and nothing else of this repository.
+    abi        blkif, gntdev and evtchn layouts and constants (x86_64 and
+               x86_32), asserted against Xen's headers by the tests
+    ring       the back end of a shared ring
+    dispatch   ring requests onto a Disk, on a worker pool
+    transport  what the dispatcher needs from a transport
+    shm        the shared-memory transport (tapbridge serve-shm)
+    xen        the Xen transport: gntdev and evtchn
+    vbd        the xenstore vbd backend (tapbridge serve-xen)
+    cli        the tapbridge command
+
+It imports nbdplug and nothing else of this repository.
 """

@@ -25,11 +25,12 @@ import sys
 import threading
 import uuid
 
-from .disk import Disk, Run
-from .errors import (CorruptImage, ImageError, RequestError,
-                     UnsupportedFeature)
+from .disk import Disk
+from .errors import CorruptImage, RequestError, UnsupportedFeature
 from .layout import Layout
-from .vhd import bit_runs, windows_path
+from .vhd.bitmaps import bit_runs
+from .vhd.layers import (ZERO, add_run, map_runs, open_parent, read_runs,
+                         windows_path)
 from .vhdx_log import checksum_ok, replay
 
 FMT = "vhdx"
@@ -357,7 +358,11 @@ def read_bat(src, geom, path):
     if sys.byteorder == "big":
         bat.byteswap()
     file_size = src.size()
-    payload_states = {0, 1, 2, 3, 6} | ({7} if geom.has_parent else set())
+    payload_states = {PAYLOAD_BLOCK_NOT_PRESENT, PAYLOAD_BLOCK_UNDEFINED,
+                      PAYLOAD_BLOCK_ZERO, PAYLOAD_BLOCK_UNMAPPED,
+                      PAYLOAD_BLOCK_FULLY_PRESENT}
+    if geom.has_parent:
+        payload_states.add(PAYLOAD_BLOCK_PARTIALLY_PRESENT)
     ratio = geom.chunk_ratio
     spans = []
     for i, entry in enumerate(bat):
@@ -445,33 +450,13 @@ class VhdxDisk(Disk):
         the parent whose data write GUID it records."""
         loc = self.geom.locator
         linkage = {_linkage(self.path, loc.get(k), k)
-                   for k in ("parent_linkage", "parent_linkage2")} - {None}
-        errors = []
-        for key in ("relative_path", "absolute_win32_path"):
-            if not loc.get(key):
-                continue
-            field = f"parent locator {key}"
-            name = windows_path(loc[key])
-            try:
-                parent = ctx.open_backing(self.path, FMT, name, FMT, field)
-            except ImageError as e:
-                errors.append(e)
-                continue
-            if parent.data_write_guid not in linkage or \
-                    parent.size != self.size:
-                what = "data write GUID" if parent.size == self.size \
-                    else "size"
-                parent.close()
-                errors.append(CorruptImage(
-                    self.path, FMT, f"{name!r} is not the parent: its "
-                    f"{what} differs", field))
-                continue
-            self.backing, self.backing_name = parent, loc[key]
-            return
-        if errors:
-            raise errors[0]
-        raise CorruptImage(self.path, FMT, "differencing disk has no parent "
-                           "path we can follow", "parent locator")
+                   for k in ("parent_linkage", "parent_linkage2")}
+        candidates = [(windows_path(loc[key]), f"parent locator {key}")
+                      for key in ("relative_path", "absolute_win32_path")
+                      if loc.get(key)]
+        self.backing, self.backing_name = open_parent(
+            self, ctx, candidates,
+            lambda p: p.data_write_guid in linkage, "data write GUID")
 
     # --- mapping -------------------------------------------------------
 
@@ -493,21 +478,9 @@ class VhdxDisk(Disk):
         return bitmap
 
     def _runs(self, offset, length):
-        """(offset, length, where) in order; where is a host offset, ZERO,
-        or None for the parent (zeros without one)."""
+        """Runs (see vhd.add_run) covering the range in order."""
         geom, runs = self.geom, []
         bs, lss = geom.block_size, geom.logical_sector_size
-
-        def add(off, n, where):
-            if runs:
-                p_off, p_n, p_where = runs[-1]
-                if p_where == where and not isinstance(where, int) or (
-                        isinstance(where, int) and isinstance(p_where, int)
-                        and where == p_where + p_n):
-                    runs[-1] = (p_off, p_n + n, p_where)
-                    return
-            runs.append((off, n, where))
-
         end = offset + length
         while offset < end:
             block, within = divmod(offset, bs)
@@ -515,20 +488,20 @@ class VhdxDisk(Disk):
             entry = self.bat[geom.bat_index(block)]
             state, data = entry & 7, (entry >> 20) * MiB
             if state == PAYLOAD_BLOCK_FULLY_PRESENT:
-                add(offset, n, data + within)
+                add_run(runs, offset, n, data + within)
             elif state == PAYLOAD_BLOCK_PARTIALLY_PRESENT:
                 with self._lock:
                     bitmap = self._bitmap(block)
                 first, last = within // lss, -(-(within + n) // lss)
                 for s, e, present in bit_runs(bitmap, first, last):
                     a, b = max(within, s * lss), min(within + n, e * lss)
-                    add(offset + a - within, b - a,
-                        data + a if present else None)
+                    add_run(runs, offset + a - within, b - a,
+                            data + a if present else None)
             elif state == PAYLOAD_BLOCK_NOT_PRESENT:
-                add(offset, n, None)
+                add_run(runs, offset, n, None)
             else:
                 # Zero, unmapped, undefined: zeros, as qemu reads them.
-                add(offset, n, ZERO)
+                add_run(runs, offset, n, ZERO)
             offset += n
         return runs
 
@@ -537,30 +510,10 @@ class VhdxDisk(Disk):
             raise RequestError(self.path, FMT, f"request {offset}+"
                                f"{len(buf)} is beyond the end of the disk "
                                f"({self.size})")
-        view = memoryview(buf)
-        pos = 0
-        for off, n, where in self._runs(offset, len(buf)):
-            part = view[pos:pos + n]
-            if isinstance(where, int):
-                self.src.pread(part, where)
-            elif where is None and self.backing is not None:
-                self.backing.pread(part, off)
-            else:
-                part[:] = bytes(n)
-            pos += n
+        read_runs(self, self.src, self._runs(offset, len(buf)), buf)
 
     def map(self, count, offset):
-        out = []
-        for off, n, where in self._runs(offset, count):
-            if isinstance(where, int):
-                out.append(Run(off, n, True, False, True, 0,
-                               (self.path, where)))
-            elif where is None and self.backing is not None:
-                out.extend(r._replace(depth=r.depth + 1)
-                           for r in self.backing.map(n, off))
-            else:
-                out.append(Run(off, n, True, True, False, 0, None))
-        return out
+        return map_runs(self, self._runs(offset, count))
 
     def pwrite(self, buf, offset, fua=False):
         self.check_writable()
@@ -588,8 +541,6 @@ class VhdxDisk(Disk):
         super().close()
         self.file.close()
 
-
-ZERO = "zero"
 
 
 def _linkage(path, text, key):

@@ -264,7 +264,7 @@ def test_differencing_map_names_both_layers(tmp_path, parent):
     child, _ = child_of(tmp_path, parent)
     with open_image(str(child), "vhdx") as disk:
         runs = disk.map(disk.size, 0)
-        assert disk.backing_name == ".\\base\\parent.vhdx"
+        assert disk.backing_name == "./base/parent.vhdx"
     depths = {r.depth for r in runs if r.data}
     assert depths == {0, 1}
     assert any(r.zero and r.depth == 0 for r in runs)     # the zero block

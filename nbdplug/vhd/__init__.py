@@ -1,0 +1,27 @@
+"""vpc: Microsoft Virtual Hard Disk (VHD) images, fixed, dynamic and
+differencing, read and write.
+
+Reference: Microsoft, "Virtual Hard Disk Image Format Specification" 1.0
+(October 2006).  Peer: qemu's block/vpc.c (format name "vpc").
+
+    fixed:    guest bytes | footer
+    dynamic:  footer copy | dynamic header | [parent locator data] | BAT |
+              block | block | ... | footer
+    block:    sector bitmap (a bit per 512-byte sector, most significant
+              bit first, padded to whole sectors) | block_size data bytes
+
+A sector whose bitmap bit is clear reads from the parent (differencing) or
+as zeros (dynamic).  All values are big-endian.
+
+Nothing points at bytes that are not yet durable: a new block's data,
+bitmap and the footer moved past it, then its BAT entry; data before the
+bitmap bits that claim it.  Discard clears bitmap bits and releases
+blocks that become empty (the BAT entry is reset, durably, before the
+space is truncated away or punched).  A crash may leave the end of the
+file without its footer: the copy at offset 0, which never changes,
+stands in (the specification keeps it for that), and a writable open or
+`check -r leaks` puts the footer back."""
+
+from .disk import VhdDisk
+
+__all__ = ["VhdDisk"]

@@ -1,0 +1,35 @@
+"""Sector bitmaps as integers whose bit i is sector i, shared by VHD and
+VHDX."""
+
+# Bit order reversed within each byte: VHD numbers a bitmap's bits from the
+# most significant, VHDX from the least.
+_REVERSE = bytes(int(f"{b:08b}"[::-1], 2) for b in range(256))
+
+
+def bits_of(raw):
+    """A VHD sector bitmap as an int whose bit i is sector i."""
+    return int.from_bytes(bytes(raw).translate(_REVERSE), "little")
+
+
+def raw_bitmap(bits, size):
+    """The `size` bytes of a VHD sector bitmap holding `bits`."""
+    return bits.to_bytes(size, "little").translate(_REVERSE)
+
+
+def span_bits(first, last):
+    """Bits first .. last - 1 set."""
+    return ((1 << (last - first)) - 1) << first
+
+
+def bit_runs(bits, first, last):
+    """(start, end, present) runs of equal bits of the int `bits` in
+    [first, last)."""
+    i = first
+    while i < last:
+        present = bool(bits >> i & 1)
+        # The run ends at the first bit that differs: the lowest set bit
+        # of the rest, complemented when the run is of ones.
+        rest = ~(bits >> i) if present else bits >> i
+        j = min(last, i + (rest & -rest).bit_length() - 1) if rest else last
+        yield i, j, present
+        i = j

@@ -247,13 +247,18 @@ def test_trim_differencing_shows_the_parent(chain):
     assert sum(e != vhd.UNUSED for e in bat) == 1
 
 
-def test_check_reports_and_repairs_leaks(tmp_path):
+def two_blocks(tmp_path):
+    """A dynamic VHD with blocks 0 and 2 allocated."""
     path = tmp_path / "disk.vhd"
     nbdplug("create", "-f", "vpc", path, SIZE)
     with open_image(str(path), "vpc", readonly=False) as disk:
         disk.pwrite(b"\x11" * 4096, 0)
         disk.pwrite(b"\x22" * 4096, 5 * MiB)
-        disk.flush()
+    return path
+
+
+def test_check_reports_and_repairs_leaks(tmp_path):
+    path = two_blocks(tmp_path)
     size = os.path.getsize(path)
     set_bat(path, 2, vhd.UNUSED)            # the last block: now leaked
     proc = nbdplug("check", "-f", "vpc", path, check=False)
@@ -266,11 +271,7 @@ def test_check_reports_and_repairs_leaks(tmp_path):
 
 
 def test_check_reports_overlapping_blocks(tmp_path):
-    path = tmp_path / "disk.vhd"
-    nbdplug("create", "-f", "vpc", path, SIZE)
-    with open_image(str(path), "vpc", readonly=False) as disk:
-        disk.pwrite(b"\x11" * 4096, 0)
-        disk.pwrite(b"\x22" * 4096, 5 * MiB)
+    path = two_blocks(tmp_path)
     hdr = header_of(path)
     first = struct.unpack_from(">I", path.read_bytes(), hdr.table_offset)[0]
     set_bat(path, 2, first + 8)

@@ -85,7 +85,6 @@ def _build(record, policy):
         record["device"] = devices.nbd_connect(sock, record["readonly"],
                                                taken)
         save(record)
-        devices.reread_partitions(record["device"])
     else:
         fuse = os.path.join(d, "fuse")
         record["fuse_dir"] = fuse

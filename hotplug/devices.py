@@ -3,9 +3,9 @@ an nbdfuse mount, device-mapper targets.  Each maker returns what it made
 and each remover tolerates an object that is already gone."""
 
 import contextlib
-import errno
 import fcntl
 import os
+import stat
 import subprocess
 import time
 
@@ -74,26 +74,81 @@ def nbd_connect(socket, readonly, taken):
 
 def nbd_disconnect(dev):
     subprocess.run(["nbd-client", "-d", dev], capture_output=True)
+    # The driver keeps a disconnected disk's partition nodes until its
+    # next open, which re-reads the (now empty) table: open it now, so no
+    # node of this image is left in /sys for the next user to trust.
+    with contextlib.suppress(OSError):
+        os.close(os.open(dev, os.O_RDONLY | os.O_CLOEXEC))
 
 
-def reread_partitions(dev):
-    """Ask the kernel to scan the partition table now (synchronously);
-    a kernel or device that cannot is not an error: we map them.  The
-    kernel refuses (EBUSY) while udev still holds the new disk for its
-    first probe, so that refusal is retried for a bounded time."""
-    deadline = time.monotonic() + 10
+# --- partitions the kernel makes ------------------------------------------
+
+def uevent_seqnum():
+    """The sequence number of the kernel's latest uevent."""
+    with open("/sys/kernel/uevent_seqnum") as f:
+        return int(f.read())
+
+
+def rescan_partitions(dev):
+    """Have the kernel parse `dev`'s partition table now.  Returns the
+    uevent sequence number from just before (the partitions it adds are
+    announced after it), or None if the kernel would not.
+
+    Why not trust the scan the kernel does by itself on the first open
+    after NBD connects: the driver asks for that scan before it sets the
+    size, so an open in between (udev's, for the previous user's
+    disconnect) scans an empty disk and nothing scans again.  The disk
+    is locked as systemd's block device locking asks: udev finishes any
+    probe and starts no other until we are done, so no partition of ours
+    is open (the kernel refuses to rescan a disk whose partition is
+    open, EBUSY)."""
     fd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        while True:
-            try:
-                fcntl.ioctl(fd, BLKRRPART)
-                return
-            except OSError as e:
-                if e.errno != errno.EBUSY or time.monotonic() > deadline:
-                    return
-            time.sleep(0.05)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        seqnum = uevent_seqnum()
+        try:
+            fcntl.ioctl(fd, BLKRRPART)
+        except OSError:     # EINVAL: no partition support; EBUSY: in use
+            return None
+        return seqnum
     finally:
-        os.close(fd)
+        os.close(fd)        # read-only: no inotify event for udev
+
+
+def kernel_partitions(dev):
+    """{number: (node, start, size)} of the partitions the kernel made
+    for `dev` (bytes, from /sys)."""
+    name = sys_name(dev)
+    out = {}
+    for entry in os.listdir(f"/sys/block/{name}"):
+        base = f"/sys/block/{name}/{entry}/"
+        if os.path.exists(base + "partition"):
+            number, start, size = (int(_read(base + key)) for key in
+                                   ("partition", "start", "size"))
+            out[number] = (f"/dev/{entry}", start * 512, size * 512)
+    return out
+
+
+def _read(path):
+    with open(path) as f:
+        return f.read()
+
+
+@contextlib.contextmanager
+def private_node(dev):
+    """A node of our own for block device `dev`, for libparted: it opens
+    the disk read-write (and every partition node, to flush them), and
+    udev answers a write-close of a disk's node by re-reading its
+    partition table, dropping and re-adding the partitions behind our
+    back.  udev watches only its own nodes, not this one."""
+    path = f"/dev/.nbdplug-{os.getpid()}-{sys_name(dev)}"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)     # left by a crashed process with our pid
+    os.mknod(path, 0o600 | stat.S_IFBLK, os.stat(dev).st_rdev)
+    try:
+        yield path
+    finally:
+        os.unlink(path)
 
 
 # --- nbdfuse --------------------------------------------------------------
@@ -172,6 +227,9 @@ def loop_detach(dev):
 # --- device-mapper --------------------------------------------------------
 
 def dm_available():
+    """Is device-mapper here (loading its module if it must)?"""
+    if not os.path.exists("/dev/mapper/control"):
+        subprocess.run(["modprobe", "dm-mod"], capture_output=True)
     with contextlib.suppress(OSError):
         return os.path.exists("/dev/mapper/control") and subprocess.run(
             ["dmsetup", "version"], capture_output=True).returncode == 0

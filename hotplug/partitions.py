@@ -36,36 +36,29 @@ _PARTED_ERRORS = tuple(getattr(_ped, n) for n in dir(_ped)
 def read_table(dev):
     """The partitions of `dev` in table order; None if it has no table.
     Number 0 stands for a filesystem on the whole disk."""
-    try:
-        device = parted.getDevice(dev)
-    except _PARTED_ERRORS as e:
-        raise UsageError(f"{dev}: cannot read: {e}")
-    try:
-        disk = parted.newDisk(device)
-    except _PARTED_ERRORS:
+    with devices.private_node(dev) as node:
         try:
-            fs = parted.probeFileSystem(parted.Geometry(
-                device, start=0, length=device.length))
+            device = parted.getDevice(node)
+        except _PARTED_ERRORS as e:
+            raise UsageError(f"{dev}: cannot read: {e}")
+        try:
+            disk = parted.newDisk(device)
         except _PARTED_ERRORS:
-            return None
-        return [Partition(0, 0, device.length * device.sectorSize, fs)]
-    out = []
-    for p in disk.partitions:
-        if p.type & parted.PARTITION_EXTENDED:
-            continue        # the container of logical partitions
-        fs = p.fileSystem.type if p.fileSystem else None
-        out.append(Partition(p.number, p.geometry.start * device.sectorSize,
-                             p.geometry.length * device.sectorSize, fs))
-    return out
-
-
-def kernel_node(dev, number):
-    """The node the kernel made for partition `number` of `dev`, or None."""
-    name = devices.sys_name(dev)
-    part = f"{name}p{number}" if name[-1].isdigit() else f"{name}{number}"
-    if os.path.exists(f"/sys/block/{name}/{part}"):
-        return f"/dev/{part}"
-    return None
+            try:
+                fs = parted.probeFileSystem(parted.Geometry(
+                    device, start=0, length=device.length))
+            except _PARTED_ERRORS:
+                return None
+            return [Partition(0, 0, device.length * device.sectorSize, fs)]
+        out = []
+        for p in disk.partitions:
+            if p.type & parted.PARTITION_EXTENDED:
+                continue        # the container of logical partitions
+            fs = p.fileSystem.type if p.fileSystem else None
+            out.append(Partition(p.number,
+                                 p.geometry.start * device.sectorSize,
+                                 p.geometry.length * device.sectorSize, fs))
+        return out
 
 
 def map_partitions(record, save, watcher):
@@ -80,19 +73,25 @@ def map_partitions(record, save, watcher):
         return parts
     if not parts:
         return parts
+    kernel = {}
     if record["via"] == "nbd":
-        kernel = {p.number: kernel_node(dev, p.number) for p in parts}
+        seqnum = devices.rescan_partitions(dev)
+        if seqnum is not None:
+            # A node is the partition's only if it has the table's bytes.
+            made = devices.kernel_partitions(dev)
+            kernel = {p.number: made[p.number][0] for p in parts
+                      if made.get(p.number, ())[1:] == (p.start, p.size)}
+            # devtmpfs made the nodes as the kernel scanned; udev runs
+            # its rules on them after, announcing each: wait for that.
+            watcher.wait_added([devices.sys_name(n) for n in
+                                kernel.values()], after=seqnum)
     else:                   # we never ask the kernel to scan loops
         devices.drop_partitions(dev)
-        kernel = {p.number: None for p in parts}
-    # The kernel's nodes: devtmpfs made them when it scanned; udev may
-    # still be working on them (rules, links), so wait for its events.
-    watcher.wait_added([devices.sys_name(n) for n in kernel.values() if n])
     use_dm = devices.dm_available()
     for p in parts:
         entry = {"number": p.number, "start": p.start, "size": p.size,
                  "fs": p.fs}
-        if kernel[p.number]:
+        if p.number in kernel:
             entry.update(device=kernel[p.number], made="kernel")
         elif use_dm:
             name = f"nbdplug-{os.path.basename(record['dir'])}-p{p.number}"

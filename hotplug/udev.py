@@ -14,7 +14,7 @@ import pyudev
 
 from nbdplug.errors import UsageError
 
-TIMEOUT = 30.0
+TIMEOUT = 60.0
 
 
 def udev_running():
@@ -28,11 +28,11 @@ class Watcher:
             self.monitor = pyudev.Monitor.from_netlink(pyudev.Context())
             self.monitor.filter_by("block")
             self.monitor.start()
-        self.seen = set()
 
-    def wait_added(self, names, timeout=TIMEOUT):
-        """Return once udev has processed an "add" of each sys name."""
-        missing = set(names) - self.seen
+    def wait_added(self, names, after=0, timeout=TIMEOUT):
+        """Return once udev has processed an "add" of each sys name, of a
+        uevent numbered above `after`."""
+        missing = set(names)
         if self.monitor is None:
             absent = [n for n in missing if not os.path.exists("/dev/" + n)]
             if absent:
@@ -45,8 +45,7 @@ class Watcher:
                 raise UsageError("udev did not announce " +
                                  ", ".join(sorted(missing)) +
                                  f" within {timeout:g}s")
-            if event.action == "add":
-                self.seen.add(event.sys_name)
+            if event.action == "add" and event.sequence_number > after:
                 missing.discard(event.sys_name)
 
     def close(self):

@@ -6,6 +6,8 @@ Each test has its own state directory (NBDPLUG_RUN_DIR), so detach --all
 only ever touches what the test attached.  The kernel-NBD versions of
 these run in the kernel lane (test_600_kernel.py)."""
 
+import contextlib
+import io
 import json
 import os
 import select
@@ -18,6 +20,7 @@ import tempfile
 import parted
 import pytest
 
+import hotplug.cli
 from conftest import REPO, run
 
 MiB = 1 << 20
@@ -60,16 +63,37 @@ def marker(number):
 
 
 class Hotplug:
-    """The nbdplug dom0 verbs with a private state directory."""
+    """The nbdplug dom0 verbs with a private state directory.
 
-    def __init__(self):
+    in_process: run the command's main() in this process (its output and
+    exit status captured alike) rather than a new interpreter: in the
+    kernel lane, under QEMU without KVM, each Python start costs seconds.
+    """
+
+    def __init__(self, in_process=False):
         # Short: socket paths under it must fit in 108 bytes.
         self.run_dir = tempfile.mkdtemp(prefix="nbdplug-run.")
         self.env = dict(os.environ, NBDPLUG_RUN_DIR=self.run_dir)
+        self.in_process = in_process
 
     def __call__(self, *args, check=True):
-        return run(HOTPLUG + [str(a) for a in args], check=check, cwd=REPO,
-                   env=self.env)
+        argv = [str(a) for a in args]
+        if not self.in_process:
+            return run(HOTPLUG + argv, check=check, cwd=REPO, env=self.env)
+        out, err = io.StringIO(), io.StringIO()
+        with patched_environ(NBDPLUG_RUN_DIR=self.run_dir), \
+                contextlib.redirect_stdout(out), \
+                contextlib.redirect_stderr(err):
+            try:
+                status = hotplug.cli.main(argv)
+            except SystemExit as e:     # argparse's usage errors
+                status = e.code
+        proc = subprocess.CompletedProcess(argv, status, out.getvalue(),
+                                           err.getvalue())
+        if check and status != 0:
+            raise AssertionError(f"nbdplug {argv} exited {status}:\n"
+                                 f"{proc.stdout}\n{proc.stderr}")
+        return proc
 
     def attach(self, *args):
         lines = self("attach", *args).stdout.splitlines()
@@ -83,6 +107,20 @@ class Hotplug:
         self("detach", "--all")
         assert_clean(self.run_dir)
         shutil.rmtree(self.run_dir)
+
+
+@contextlib.contextmanager
+def patched_environ(**values):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
 
 
 @pytest.fixture

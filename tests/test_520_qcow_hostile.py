@@ -114,3 +114,12 @@ def test_hostile_image_is_refused(case, tmp_path):
     make(path)
     assert_rejected(path, "qcow", match)
 
+
+
+def test_backing_loop_is_refused(tmp_path):
+    a, b = tmp_path / "a.qcow", tmp_path / "b.qcow"
+    for this, other in ((a, b), (b, a)):
+        name = other.name.encode()
+        image(this, header(backing_file_offset=4096,
+                           backing_file_size=len(name)), tail=name)
+    assert_rejected(a, "qcow", "loop", extra_files=[b])

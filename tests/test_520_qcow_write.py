@@ -80,7 +80,7 @@ def test_nbdcopy_fills_image(tmp_path):
     assert report.allocated_clusters == 8 * MiB // 4096
 
 
-@pytest.mark.parametrize("backing_fmt", ["raw"])
+@pytest.mark.parametrize("backing_fmt", ["raw", "qcow"])
 def test_writes_over_a_backing_file_copy_the_rest_of_the_cluster(
         backing_fmt, tmp_path):
     base_bytes = random.Random(8).randbytes(3 * MiB)

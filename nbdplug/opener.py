@@ -109,6 +109,12 @@ def _known(fmt):
                          + ", ".join(sorted(FORMATS)) + ")")
 
 
+def names_a_file(name):
+    """False for names that are not paths: NBD URIs and ram:NAME."""
+    return not (remote.is_uri(name) or (isinstance(name, str) and
+                                        name.startswith("ram:")))
+
+
 def _ram_name(path, fmt, create=False):
     """`ram:NAME` (or, when creating with -f ram, a bare NAME) names a
     shared RAM disk: its file and format (see ram.py)."""

@@ -20,8 +20,7 @@ import urllib.parse
 
 from .errors import UsageError
 from .exports import Export
-from .opener import open_image
-from .remote import is_uri
+from .opener import names_a_file, open_image
 from .tls import tls_args
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -44,8 +43,8 @@ def exports_plugin_args(exports, direct=False, backing_roots=(),
     for e in exports:
         if e.name or len(exports) > 1:
             args.append(f"export={e.name}")
-        args.append("file=" + (e.image if is_uri(e.image)
-                               else os.path.abspath(e.image)))
+        args.append("file=" + (os.path.abspath(e.image)
+                               if names_a_file(e.image) else e.image))
         if e.format:
             args.append(f"format={e.format}")
         if e.writable is False:

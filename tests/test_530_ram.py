@@ -121,6 +121,21 @@ def test_ram_names_work_wherever_an_image_does(ram):
                           "offset": DATA_OFFSET}
 
 
+def test_serve_by_ram_name(ram):
+    out = nbdplug("serve", f"ram:{ram}").stdout.splitlines()
+    try:
+        h = nbd.NBD()
+        h.connect_uri(out[0])
+        h.pwrite(b"served", 4096)
+        h.shutdown()
+    finally:
+        nbdplug("stop", out[0])
+    with open_image(f"ram:{ram}") as disk:
+        buf = bytearray(6)
+        disk.pread(memoryview(buf), 4096)
+        assert buf == b"served"
+
+
 def test_create_and_remove(ram):
     other = ram + "-b"
     nbdplug("create", "-q", f"ram:{other}", "1000")

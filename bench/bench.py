@@ -1,204 +1,118 @@
-"""Side-by-side benchmark: nbdplug next to the tools it replaces.
+"""make bench: nbdplug side by side with the tools it replaces.
 
-Serves the same 1 GiB image with each server in the same run and drives
-it with fio's nbd engine (libnbd underneath).  Each figure is the median
-of several rounds, with min-max, and a ratio to the peer measured in the
-same run.  Results go to bench/results/ (git ignores it) as JSON and a
-markdown table.
+Every figure is measured in the same run as its peer, on this machine:
 
-    make bench              # default rounds
-    BENCH_LONG=1 make bench # more rounds, longer runs
+- serving over NBD (fio's nbd engine on libnbd): 1 GiB raw, fully
+  allocated qcow2, monolithicSparse VMDK and dynamic VHD images, served by
+  nbdplug, qemu-nbd (writeback cache) and, for raw, nbdkit's C file
+  plugin; sequential 1 MiB and random 4 KiB reads and writes at QD1 and
+  QD16, and two connections at QD16;
+- `nbdplug convert` against `qemu-img convert`;
+- tapbridge's shared-memory blkif ring against the same driver over NBD.
+
+Medians of several rounds with [min-max], each with a ratio to its peer.
+Results go to bench/results/ (git ignores it): bench.json, bench.md and
+bench.png (the ratios as a bar chart).
+
+    make bench                  # about five minutes
+    BENCH_LONG=1 make bench     # more rounds, longer runs
+    .venv/bin/python bench/bench.py --only nbd --formats raw,qcow2
 """
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from nbdplug import server  # noqa: E402
+import common  # noqa: E402
+import convert_bench  # noqa: E402
+import nbd_bench  # noqa: E402
+import tapbridge_bench  # noqa: E402
 
-GiB = 1 << 30
-LONG = os.environ.get("BENCH_LONG") == "1"
-ROUNDS = 5 if LONG else 3
-RUNTIME = 10 if LONG else 3
-
-# (name, fio rw, block size, queue depth, connections)
-WORKLOADS = [
-    ("seq read 1M", "read", "1M", 4, 1),
-    ("seq write 1M", "write", "1M", 4, 1),
-    ("rand read 4K QD1", "randread", "4k", 1, 1),
-    ("rand read 4K QD16", "randread", "4k", 16, 1),
-    ("rand write 4K QD1", "randwrite", "4k", 1, 1),
-    ("rand write 4K QD16", "randwrite", "4k", 16, 1),
-    ("rand read 4K QD16 x2 conn", "randread", "4k", 16, 2),
-]
+PARTS = ("nbd", "convert", "tapbridge")
 
 
-@contextlib.contextmanager
-def nbdplug_server(image, fmt, sock):
-    argv = ["nbdkit", "-U", sock, "-P", sock + ".pid"] + \
-        server.plugin_args(image, fmt)
-    with _daemon(argv, sock + ".pid"):
-        yield server.unix_uri(sock)
+def ratios(results):
+    """(label, ratio) pairs for the chart: nbdplug against its peer."""
+    out = []
+    for fmt, rows in results.get("nbd", {}).items():
+        peer = nbd_bench.PLAN[fmt][1]
+        for name, row in rows.items():
+            out.append((f"{fmt}: {name} (vs {peer})",
+                        row["nbdplug"]["ratio"]))
+    for pair, row in results.get("convert", {}).items():
+        out.append((f"convert {pair} (vs qemu-img)", row["ratio"]))
+    for key, row in results.get("tapbridge", {}).items():
+        out.append((f"tapbridge ring {key} (vs NBD)", row["ratio"]))
+    return out
 
 
-@contextlib.contextmanager
-def nbdkit_file_server(image, fmt, sock):
-    argv = ["nbdkit", "-U", sock, "-P", sock + ".pid", "file", image]
-    with _daemon(argv, sock + ".pid"):
-        yield server.unix_uri(sock)
-
-
-@contextlib.contextmanager
-def qemu_nbd_server(image, fmt, sock):
-    proc = subprocess.Popen(["qemu-nbd", "-f", fmt, "--cache=writeback",
-                             "-k", sock, "--shared=4", "-t", image])
-    try:
-        deadline = time.monotonic() + 10
-        while not os.path.exists(sock):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("qemu-nbd did not start")
-            time.sleep(0.01)
-        yield server.unix_uri(sock)
-    finally:
-        proc.terminate()
-        proc.wait()
-
-
-@contextlib.contextmanager
-def _daemon(argv, pidfile):
-    server.start_background(argv, pidfile)
-    try:
-        yield
-    finally:
-        server.stop(pidfile)
-
-
-SERVERS = {
-    "nbdplug": nbdplug_server,
-    "nbdkit-file": nbdkit_file_server,
-    "qemu-nbd": qemu_nbd_server,
-}
-
-
-def fio(uri, rw, bs, qd, conns, out):
-    subprocess.run(
-        ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}",
-         f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}",
-         f"--numjobs={conns}", "--group_reporting", "--time_based",
-         f"--runtime={RUNTIME}", "--ramp_time=1", "--size=1G",
-         "--randrepeat=0", "--output-format=json", f"--output={out}"],
-        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    with open(out) as f:
-        job = json.load(f)["jobs"][0]
-    side = job["read"] if "read" in rw else job["write"]
-    if bs == "1M":
-        return side["bw_bytes"] / (1 << 20), "MiB/s"
-    return side["iops"], "IOPS"
-
-
-def make_image(path, fmt):
-    """A fully allocated 1 GiB image of `fmt` (random data)."""
-    raw = path + ".src.raw"
-    subprocess.run(["dd", "if=/dev/urandom", f"of={raw}", "bs=1M",
-                    "count=1024", "status=none"], check=True)
-    if fmt == "raw":
-        os.rename(raw, path)
-    else:
-        opts = ["-o", "subformat=dynamic"] if fmt == "vpc" else []
-        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", fmt,
-                        *opts, raw, path], check=True)
-        os.unlink(raw)
-
-
-def bench_format(workdir, fmt, servers, peer):
-    image = os.path.join(workdir, f"bench.{fmt}")
-    make_image(image, fmt)
-    results = {}
-    for name, rw, bs, qd, conns in WORKLOADS:
-        row = {}
-        for sname in servers:
-            values = []
-            for _ in range(ROUNDS):
-                sock = os.path.join(workdir, f"{sname}.sock")
-                with SERVERS[sname](image, fmt, sock) as uri:
-                    value, unit = fio(uri, rw, bs, qd, conns,
-                                      os.path.join(workdir, "fio.json"))
-                values.append(value)
-            row[sname] = {"median": statistics.median(values),
-                          "min": min(values), "max": max(values),
-                          "unit": unit}
-        base = row[peer]["median"]
-        for sname in servers:
-            row[sname]["ratio"] = row[sname]["median"] / base if base else 0
-        results[name] = row
-        print(f"{fmt:6} {name:28} " + "  ".join(
-            f"{s}={row[s]['median']:.0f} ({row[s]['ratio']:.2f}x)"
-            for s in servers), flush=True)
-    os.unlink(image)
-    return results
-
-
-def markdown(all_results, peers):
-    lines = []
-    for fmt, results in all_results.items():
-        servers = list(next(iter(results.values())))
-        lines.append(f"\n**{fmt}** (ratio to {peers[fmt]} in the same run)\n")
-        lines.append("| workload | " + " | ".join(servers) + " |")
-        lines.append("|---" * (len(servers) + 1) + "|")
-        for name, row in results.items():
-            cells = []
-            for s in servers:
-                r = row[s]
-                cells.append(f"{r['median']:.0f} {r['unit']} "
-                             f"[{r['min']:.0f}-{r['max']:.0f}] "
-                             f"{r['ratio']:.2f}x")
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+def chart(pairs, path):
+    import matplotlib           # Debian's python3-matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    labels = [label for label, _ in pairs][::-1]
+    values = [value for _, value in pairs][::-1]
+    fig, ax = plt.subplots(figsize=(10, 0.28 * len(pairs) + 1.2))
+    colors = ["#2a7" if v >= 1.0 else "#c53" for v in values]
+    ax.barh(range(len(values)), values, color=colors)
+    ax.axvline(1.0, color="black", linewidth=1)
+    ax.set_yticks(range(len(values)), labels, fontsize=7)
+    ax.set_xlabel("ratio to the peer measured in the same run "
+                  "(above 1: nbdplug is faster)")
+    ax.set_title("nbdplug / peer")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--formats", default="raw",
-                        help="comma-separated: raw")
-    parser.add_argument("--out", default=os.path.join(REPO, "bench",
-                                                      "results"))
+    parser.add_argument("--only", default=",".join(PARTS),
+                        help="comma-separated parts: " + ", ".join(PARTS))
+    parser.add_argument("--formats", default=",".join(nbd_bench.PLAN),
+                        help="formats served over NBD")
+    parser.add_argument("--out", default=common.RESULTS)
     args = parser.parse_args()
-    plan = {
-        "raw": (["nbdplug", "nbdkit-file", "qemu-nbd"], "nbdkit-file"),
-        "qcow2": (["nbdplug", "qemu-nbd"], "qemu-nbd"),
-        # make_image's qemu-img convert writes VMDK as monolithicSparse.
-        "vmdk": (["nbdplug", "qemu-nbd"], "qemu-nbd"),
-        "vpc": (["nbdplug", "qemu-nbd"], "qemu-nbd"),
-    }
+    parts = args.only.split(",")
     os.makedirs(args.out, exist_ok=True)
     workdir = tempfile.mkdtemp(prefix="nbdplug-bench.", dir="/var/tmp")
-    all_results, peers = {}, {}
+    results = {}
+    started = time.monotonic()
     try:
-        for fmt in args.formats.split(","):
-            servers, peer = plan[fmt]
-            peers[fmt] = peer
-            all_results[fmt] = bench_format(workdir, fmt, servers, peer)
+        if "nbd" in parts:
+            results["nbd"] = {fmt: nbd_bench.run(fmt, workdir)
+                              for fmt in args.formats.split(",")}
+        if "convert" in parts:
+            results["convert"] = convert_bench.run(workdir)
+        if "tapbridge" in parts:
+            results["tapbridge"] = tapbridge_bench.run(workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    meta = {"rounds": ROUNDS, "runtime_s": RUNTIME, "cpus": os.cpu_count(),
-            "date": stamp}
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(),
+            "rounds": common.ROUNDS, "runtime_s": common.RUNTIME,
+            "minutes": round((time.monotonic() - started) / 60, 1),
+            "load": os.getloadavg()[0]}
     with open(os.path.join(args.out, "bench.json"), "w") as f:
-        json.dump({"meta": meta, "results": all_results}, f, indent=2)
-    table = markdown(all_results, peers)
+        json.dump({"meta": meta, "results": results}, f, indent=2)
+    table = (f"nbdplug bench, {meta['date']}, {meta['cpus']} CPUs, "
+             f"{meta['rounds']} rounds of {meta['runtime_s']} s\n")
+    for fmt, rows in results.get("nbd", {}).items():
+        table += nbd_bench.markdown(fmt, rows)
+    if "convert" in results:
+        table += convert_bench.markdown(results["convert"])
+    if "tapbridge" in results:
+        table += tapbridge_bench.markdown(results["tapbridge"])
     with open(os.path.join(args.out, "bench.md"), "w") as f:
         f.write(table)
+    chart(ratios(results), os.path.join(args.out, "bench.png"))
     print(table)
+    print(f"results in {args.out}: bench.json, bench.md, bench.png")
 
 
 if __name__ == "__main__":

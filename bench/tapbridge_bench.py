@@ -7,31 +7,19 @@ of requests in flight, as a guest's blkfront would; NBD is fio's nbd
 engine at the same depth against nbdkit serving the same image with our
 plugin.  4 KiB random reads and writes (IOPS) and 1 MiB random reads and
 writes (MiB/s), ring orders 0 and 4 at 32 and 256 requests in flight.
-Each figure is the median of ROUNDS runs after a 1 s ramp; results go to
-bench/results/tapbridge.{json,md}.
-
-    python bench/tapbridge_bench.py [--format raw|qcow2]
+Each figure is the median of ROUNDS runs after a 1 s ramp.
 """
 
-import argparse
-import json
 import os
 import shutil
-import statistics
 import sys
 import tempfile
-import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
+from common import (GiB, MiB, REPO, ROUNDS, RUNTIME, fio, make_image,
+                    nbdplug_server, summary)
+
 sys.path.insert(0, os.path.join(REPO, "tests", "tapbridge"))
-sys.path.insert(0, HERE)
-
-from bench import ROUNDS, RUNTIME, fio, make_image, nbdplug_server  # noqa
 from tbharness import Backend, Frontend, ShmDir  # noqa: E402
-
-MiB = 1 << 20
-GiB = 1 << 30
 # (name, fio/frontend mode, block size)
 WORKLOADS = [
     ("rand read 4K", "randread", "4k"),
@@ -70,15 +58,19 @@ def nbd(image, fmt, workdir, mode, bs, qd):
         return fio(uri, mode, bs, qd, 1, os.path.join(workdir, "fio.json"))[0]
 
 
-def summary(values):
-    return {"median": statistics.median(values), "min": min(values),
-            "max": max(values)}
-
-
-def run(fmt, workdir, shmdir):
+def run(workdir, fmt="raw"):
     image = os.path.join(workdir, f"bench.{fmt}")
     make_image(image, fmt)
-    os.sync()       # no writeback of the new image under the measurements
+    # Guest memory lives in RAM, as it would.
+    shmdir = tempfile.mkdtemp(prefix="tapbridge-bench.", dir="/dev/shm")
+    try:
+        return _run(image, fmt, workdir, shmdir)
+    finally:
+        shutil.rmtree(shmdir, ignore_errors=True)
+        os.unlink(image)
+
+
+def _run(image, fmt, workdir, shmdir):
     results = {}
     for name, mode, bs in WORKLOADS:
         unit = "MiB/s" if bs == "1M" else "IOPS"
@@ -93,14 +85,13 @@ def run(fmt, workdir, shmdir):
             r["unit"] = unit
             key = f"{name} order {order} QD{qd}"
             results[key] = r
-            print(f"{fmt:6} {key:32} ring {r['median']:9.0f} {unit:5}  "
-                  f"nbd {peers[qd]['median']:9.0f}  {r['ratio']:.2f}x",
-                  flush=True)
-    os.unlink(image)
+            print(f"tapbridge {fmt:6} {key:32} ring {r['median']:9.0f} "
+                  f"{unit:5}  nbd {peers[qd]['median']:9.0f}  "
+                  f"{r['ratio']:.2f}x", flush=True)
     return results
 
 
-def markdown(fmt, results):
+def markdown(results, fmt="raw"):
     lines = [f"\n**tapbridge shm ring vs nbdkit + plugin over NBD, {fmt}** "
              "(same driver, same run; ratio ring/NBD at the same depth)\n",
              "| workload | ring | NBD (fio) | ratio |", "|---|---|---|---|"]
@@ -111,32 +102,3 @@ def markdown(fmt, results):
             f"[{r['nbd']['min']:.0f}-{r['nbd']['max']:.0f}] | "
             f"{r['ratio']:.2f}x |")
     return "\n".join(lines) + "\n"
-
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--format", default="raw", choices=("raw", "qcow2"))
-    parser.add_argument("--out", default=os.path.join(REPO, "bench",
-                                                      "results"))
-    args = parser.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    workdir = tempfile.mkdtemp(prefix="tapbridge-bench.", dir="/var/tmp")
-    # Guest memory lives in RAM, as it would.
-    shmdir = tempfile.mkdtemp(prefix="tapbridge-bench.", dir="/dev/shm")
-    try:
-        results = run(args.format, workdir, shmdir)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-        shutil.rmtree(shmdir, ignore_errors=True)
-    meta = {"rounds": ROUNDS, "runtime_s": RUNTIME, "cpus": os.cpu_count(),
-            "format": args.format, "date": time.strftime("%Y%m%d-%H%M%S")}
-    with open(os.path.join(args.out, "tapbridge.json"), "w") as f:
-        json.dump({"meta": meta, "results": results}, f, indent=2)
-    table = markdown(args.format, results)
-    with open(os.path.join(args.out, "tapbridge.md"), "w") as f:
-        f.write(table)
-    print(table)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,119 @@
+"""What the benchmarks share: rounds and run times, the servers under
+test, fio as the NBD client, test images, and summarising rounds."""
+
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from nbdplug import server  # noqa: E402
+
+MiB, GiB = 1 << 20, 1 << 30
+LONG = os.environ.get("BENCH_LONG") == "1"
+ROUNDS = 5 if LONG else 3
+RUNTIME = 10 if LONG else 1         # seconds measured per fio run
+RAMP = "1s" if LONG else "500ms"    # fio ramp before measuring
+RESULTS = os.path.join(REPO, "bench", "results")
+
+
+@contextlib.contextmanager
+def nbdplug_server(image, fmt, sock):
+    argv = ["nbdkit", "-U", sock, "-P", sock + ".pid"] + \
+        server.plugin_args(image, fmt)
+    with _daemon(argv, sock + ".pid"):
+        yield server.unix_uri(sock)
+
+
+@contextlib.contextmanager
+def nbdkit_file_server(image, fmt, sock):
+    argv = ["nbdkit", "-U", sock, "-P", sock + ".pid", "file", image]
+    with _daemon(argv, sock + ".pid"):
+        yield server.unix_uri(sock)
+
+
+@contextlib.contextmanager
+def qemu_nbd_server(image, fmt, sock):
+    proc = subprocess.Popen(["qemu-nbd", "-f", fmt, "--cache=writeback",
+                             "-k", sock, "--shared=4", "-t", image])
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.exists(sock):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("qemu-nbd did not start")
+            time.sleep(0.01)
+        yield server.unix_uri(sock)
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+@contextlib.contextmanager
+def _daemon(argv, pidfile):
+    server.start_background(argv, pidfile)
+    try:
+        yield
+    finally:
+        server.stop(pidfile)
+
+
+SERVERS = {
+    "nbdplug": nbdplug_server,
+    "nbdkit-file": nbdkit_file_server,
+    "qemu-nbd": qemu_nbd_server,
+}
+
+
+def fio(uri, rw, bs, qd, conns, out):
+    """(value, unit): MiB/s for 1M blocks, else IOPS."""
+    subprocess.run(
+        ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}",
+         f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}",
+         f"--numjobs={conns}", "--group_reporting", "--time_based",
+         f"--runtime={RUNTIME}s", f"--ramp_time={RAMP}", "--size=1G",
+         "--randrepeat=0", "--output-format=json", f"--output={out}"],
+        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(out) as f:
+        job = json.load(f)["jobs"][0]
+    side = job["read"] if "read" in rw else job["write"]
+    if bs == "1M":
+        return side["bw_bytes"] / MiB, "MiB/s"
+    return side["iops"], "IOPS"
+
+
+def make_image(path, fmt, size=GiB, half=False):
+    """A `size` image of `fmt`: random data throughout, or (half=True)
+    1 MiB of data then 1 MiB of hole, alternating."""
+    raw = path + ".src.raw"
+    if half:
+        chunk = os.urandom(MiB)
+        with open(raw, "wb") as f:
+            f.truncate(size)
+            for off in range(0, size, 2 * MiB):
+                f.seek(off)
+                f.write(chunk)
+    else:
+        subprocess.run(["dd", "if=/dev/urandom", f"of={raw}", "bs=1M",
+                        f"count={size // MiB}", "status=none"], check=True)
+    if fmt == "raw":
+        os.rename(raw, path)
+    else:
+        # qemu-img writes VMDK as monolithicSparse; VHD must be dynamic.
+        opts = ["-o", "subformat=dynamic"] if fmt == "vpc" else []
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", fmt,
+                        *opts, raw, path], check=True)
+        os.unlink(raw)
+    os.sync()           # no writeback of the new image under measurements
+
+
+def summary(values, unit=None):
+    out = {"median": statistics.median(values), "min": min(values),
+           "max": max(values)}
+    if unit:
+        out["unit"] = unit
+    return out

@@ -94,14 +94,13 @@ def rescan_partitions(dev):
     uevent sequence number from just before (the partitions it adds are
     announced after it), or None if the kernel would not.
 
-    Why not trust the scan the kernel does by itself on the first open
-    after NBD connects: the driver asks for that scan before it sets the
-    size, so an open in between (udev's, for the previous user's
-    disconnect) scans an empty disk and nothing scans again.  The disk
-    is locked as systemd's block device locking asks: udev finishes any
-    probe and starts no other until we are done, so no partition of ours
-    is open (the kernel refuses to rescan a disk whose partition is
-    open, EBUSY)."""
+    The scan the kernel does by itself on the first open after NBD
+    connects is not enough: the driver asks for it before it sets the
+    size, so an open in between (udev's, say) scans an empty disk and
+    nothing scans again.  The disk is locked as systemd's block device
+    locking asks, so udev has finished probing it and starts no probe
+    until we are done: a partition open for a probe would make the
+    kernel refuse (EBUSY)."""
     fd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)

@@ -1,9 +1,10 @@
 """Partitions: read the table in userspace (pyparted), then give every
-partition a block device: the kernel's own node where it scanned the table
-(waiting for udev to finish with it), otherwise one we make, a dm-linear
-target where device-mapper exists or a loop device with offset and size
-limit.  The kernel on a development machine may have no partition parsers
-at all, so nothing here depends on it scanning."""
+partition a block device: the kernel's own node where it scanned the
+table and the node has the table's offset and size (once udev has run
+its rules on it), otherwise one we make, a dm-linear target where
+device-mapper exists or a loop device with offset and size limit.  The
+kernel on a development machine may have no partition parsers at all,
+so nothing here depends on it scanning."""
 
 import os
 import typing

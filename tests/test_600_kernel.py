@@ -4,15 +4,20 @@ stock Debian kernel booted with virtme-ng (tools/kernel-lane.sh), where
 every Python start costs seconds, so the verbs run in this process."""
 
 import os
+import urllib.parse
 
 import pytest
 
-from conftest import run
+from conftest import run, served
 from dm import table as dmtable
+from hotplug import devices, partitions
+from hotplug.udev import Watcher
 from test_600_hotplug import (LAYOUT, MiB, Hotplug, kill9, make_gpt,
                               marker, read_dev)
 
 pytestmark = pytest.mark.kernel
+# Connects of one NBD device in test_kernel_partitions_every_time.
+CYCLES = int(os.environ.get("NBDPLUG_LANE_CYCLES", "20"))
 
 
 @pytest.fixture
@@ -86,6 +91,41 @@ def test_kernel_nbd_gpt_mount_write_umount(hp, gpt, files, tmp_path):
     hp("mount", "-f", "raw", "--readonly", gpt, mnt)
     assert (mnt / "written").read_bytes() == data
     hp("umount", mnt)
+
+
+def test_kernel_partitions_every_time(tmp_path):
+    """Attach's partition step on each connect of an NBD device to two
+    images in turn, tables of their own: every partition of the image
+    connected now has the kernel's node, at the table's offset and with
+    its bytes, never a node left from the image before."""
+    other = [(2, 4, None), (6, 10, None)]
+    images = [(make_gpt(tmp_path / "a.raw"), LAYOUT),
+              (make_gpt(tmp_path / "b.raw", other), other)]
+    with served(images[0][0], "raw", readonly=True) as a, \
+            served(images[1][0], "raw", readonly=True) as b:
+        sockets = [urllib.parse.parse_qs(urllib.parse.urlsplit(
+            s.uri).query)["socket"][0] for s in (a, b)]
+        for cycle in range(CYCLES):
+            layout = images[cycle % 2][1]
+            watcher = Watcher()         # before the device exists
+            dev = devices.nbd_connect(sockets[cycle % 2], True, set())
+            record = {"device": dev, "via": "nbd", "readonly": True,
+                      "dir": str(tmp_path)}
+            try:
+                partitions.map_partitions(record, lambda r: None, watcher)
+                assert [(p["made"], p["start"], p["size"])
+                        for p in record["partitions"]] == \
+                    [("kernel", start * MiB, length * MiB)
+                     for start, length, _ in layout], cycle
+                for p, (_, _, fs) in zip(record["partitions"], layout):
+                    n = p["number"]
+                    if not fs:
+                        assert read_dev(p["device"], 0, len(marker(n))) \
+                            == marker(n), (cycle, n)
+            finally:
+                partitions.unmap_partitions(record)
+                devices.nbd_disconnect(dev)
+    assert_kernel_clean()
 
 
 def test_loop_partitions_on_device_mapper(hp, gpt):

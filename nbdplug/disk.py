@@ -10,7 +10,7 @@ metadata with a lock and do data I/O outside it.
 
 import typing
 
-from .errors import ReadOnlyDisk
+from .errors import ReadOnlyDisk, RequestError
 
 # Extent flags, equal to nbdkit.EXTENT_HOLE / EXTENT_ZERO and NBD's
 # base:allocation bits, so they cross the plugin boundary unchanged.
@@ -33,7 +33,9 @@ class Run(typing.NamedTuple):
     zero:    reads as zeros;
     data:    backed by stored bytes (not a hole, not a zero flag);
     depth:   the layer that supplies the bytes (0 is this image); for a
-             range allocated nowhere, the length of the chain;
+             range allocated nowhere, the layer where the lookup ended
+             (the last one, or the one whose backing file is too short),
+             as qemu-img map reports it;
     host:    (path, host_offset) when the bytes sit plainly in the file of
              the layer at `depth`, else None.
     """
@@ -93,6 +95,44 @@ class Disk:
 
     def zero(self, count, offset, may_trim=False, fua=False):
         raise NotImplementedError
+
+    # --- helpers for drivers ------------------------------------------
+
+    def check_request(self, count, offset, write=False):
+        """Refuse a request outside the disk, or a write to a read-only
+        disk, before it touches anything."""
+        if write and self.readonly:
+            self.check_writable()
+        if offset < 0 or count < 0 or offset + count > self.size:
+            raise RequestError(self.path, self.format_name,
+                               f"request {offset}+{count} is beyond the end "
+                               f"of the disk ({self.size})")
+
+    def read_backing(self, buf, offset):
+        """What a range this layer does not store reads as: the backing
+        image's bytes, zeros past its end (or everywhere without one)."""
+        n = 0
+        if self.backing is not None:
+            n = max(0, min(len(buf), self.backing.size - offset))
+            if n:
+                self.backing.pread(buf[:n], offset)
+        if n < len(buf):
+            buf[n:] = bytes(len(buf) - n)
+
+    def map_backing(self, count, offset):
+        """Runs of a range this layer does not store: the backing image's,
+        one layer deeper; past its end (or without one) allocated nowhere,
+        at this layer's depth, as qemu-img map reports it."""
+        n, runs = 0, []
+        if self.backing is not None:
+            n = max(0, min(count, self.backing.size - offset))
+            if n:
+                runs = [r._replace(depth=r.depth + 1)
+                        for r in self.backing.map(n, offset)]
+        if n < count:
+            runs.append(Run(offset + n, count - n, False, True, False, 0,
+                            None))
+        return runs
 
     # --- allocation ---------------------------------------------------
 

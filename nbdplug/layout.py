@@ -9,8 +9,10 @@ The byte order is stated once per structure ("<" or ">").  Field types are
 struct format codes; a count prefix ("16s") declares a byte string.
 """
 
+import array
 import collections
 import struct
+import sys
 
 
 class Layout:
@@ -43,3 +45,20 @@ class Layout:
 
     def pack_into(self, buf, offset, value):
         self.struct.pack_into(buf, offset, *value)
+
+
+def be64_array(raw):
+    """Big-endian 64-bit table bytes as an array of native ints (the form
+    qcow, qcow2 and VHD-like tables take on disk)."""
+    table = array.array("Q", bytes(raw))
+    if sys.byteorder == "little":
+        table.byteswap()
+    return table
+
+
+def be64_bytes(values):
+    """The inverse of be64_array."""
+    table = array.array("Q", values)
+    if sys.byteorder == "little":
+        table.byteswap()
+    return table.tobytes()

@@ -21,15 +21,14 @@ import collections
 import contextlib
 import dataclasses
 import os
-import sys
 import threading
 import zlib
 
 from .check import CheckReport
 from .disk import Disk, Run
-from .errors import CorruptImage, RequestError, UnsupportedFeature, UsageError
+from .errors import CorruptImage, UnsupportedFeature, UsageError
 from .hostfile import HostFile
-from .layout import Layout
+from .layout import Layout, be64_array, be64_bytes
 
 FORMAT = "qcow"
 
@@ -58,23 +57,6 @@ L2_CACHE_BYTES = 8 << 20
 # Kinds of guest range in a mapping walk.
 PLAIN, COMPRESSED, UNALLOCATED = range(3)
 
-assert array.array("Q").itemsize == 8
-
-
-def _from_be(raw):
-    """Big-endian 64-bit table bytes → array of ints."""
-    table = array.array("Q")
-    table.frombytes(raw)
-    if sys.byteorder == "little":
-        table.byteswap()
-    return table
-
-
-def _to_be(values):
-    table = array.array("Q", values)
-    if sys.byteorder == "little":
-        table.byteswap()
-    return table.tobytes()
 
 
 def _align_up(n, alignment):
@@ -238,7 +220,7 @@ class QcowDisk(Disk):
         backing = None
         try:
             geo = read_geometry(file, path)
-            l1 = _from_be(file.read(geo.l1_bytes, geo.l1_table_offset))
+            l1 = be64_array(file.read(geo.l1_bytes, geo.l1_table_offset))
             file_size = file.size()
             # Distinct L2 tables cannot share bytes, so more of them than
             # the file holds is corrupt; this also bounds the reads below.
@@ -341,7 +323,7 @@ class QcowDisk(Disk):
         if table is not None:
             self._l2.move_to_end(l2_offset)
             return table
-        table = _from_be(self.file.read(self.geo.l2_bytes, l2_offset))
+        table = be64_array(self.file.read(self.geo.l2_bytes, l2_offset))
         # Two C-speed tests pass a table of plain clusters; the loop
         # names the bad entry (and checks compressed ones).
         top = max(table)
@@ -421,28 +403,13 @@ class QcowDisk(Disk):
                 else:
                     runs.append(Run(pos, length, True, False, True, 0, None))
             else:
-                runs += self._map_below(length, pos)
-        return runs
-
-    def _map_below(self, length, pos):
-        """Runs for a range this layer does not store: the backing
-        file's runs one level deeper, zeros past its end."""
-        below = 0
-        runs = []
-        if self.backing is not None:
-            below = max(0, min(length, self.backing.size - pos))
-            if below:
-                runs = [run._replace(depth=run.depth + 1)
-                        for run in self.backing.map(below, pos)]
-        if below < length:
-            runs.append(Run(pos + below, length - below, False, True, False,
-                            0, None))
+                runs += self.map_backing(length, pos)
         return runs
 
     # --- reads --------------------------------------------------------
 
     def pread(self, buf, offset):
-        self._check_request(len(buf), offset)
+        self.check_request(len(buf), offset)
         with self._lock:
             segments = self._segments(offset, len(buf))
         self._read_segments(memoryview(buf), offset, segments)
@@ -456,18 +423,7 @@ class QcowDisk(Disk):
                 entry, inside = where
                 part[:] = self._inflate(entry)[inside:inside + length]
             else:
-                self._read_below(part, pos)
-
-    def _read_below(self, part, pos):
-        """An unallocated range: the backing file's bytes, zeros past its
-        end (or everywhere without one)."""
-        below = 0
-        if self.backing is not None:
-            below = max(0, min(len(part), self.backing.size - pos))
-            if below:
-                self.backing.pread(part[:below], pos)
-        if below < len(part):
-            part[below:] = bytes(len(part) - below)
+                self.read_backing(part, pos)
 
     def _inflate(self, entry):
         """A compressed cluster's bytes (the last one is cached)."""
@@ -490,7 +446,7 @@ class QcowDisk(Disk):
     # --- writes -------------------------------------------------------
 
     def pwrite(self, buf, offset, fua=False):
-        self._check_request(len(buf), offset, write=True)
+        self.check_request(len(buf), offset, write=True)
         view = memoryview(buf)
         with self._lock:
             segments = self._segments(offset, len(view))
@@ -552,7 +508,7 @@ class QcowDisk(Disk):
         placed = {}
         for l1_index, table in tables.items():
             offset = self._end
-            self.file.pwrite(_to_be(table), offset)
+            self.file.pwrite(be64_bytes(table), offset)
             self._end += _align_up(self.geo.l2_bytes, size)
             self._cache(offset, table)
             placed[l1_index] = offset
@@ -578,12 +534,12 @@ class QcowDisk(Disk):
         for l2_offset, index, entries in runs:
             self._set_entries(l2_offset, index, entries)
         for l1_index, l2_offset in new_tables.items():
-            self.file.pwrite(_to_be([l2_offset]),
+            self.file.pwrite(be64_bytes([l2_offset]),
                              self.geo.l1_table_offset + 8 * l1_index)
             self._l1[l1_index] = l2_offset
 
     def _set_entries(self, l2_offset, index, entries):
-        self.file.pwrite(_to_be(entries), l2_offset + 8 * index)
+        self.file.pwrite(be64_bytes(entries), l2_offset + 8 * index)
         table = self._table(l2_offset)
         table[index:index + len(entries)] = array.array("Q", entries)
 
@@ -593,7 +549,7 @@ class QcowDisk(Disk):
     def trim(self, count, offset, fua=False):
         """Unmap the whole clusters in the range (they then read from the
         backing file, or as zeros) and punch their space."""
-        self._check_request(count, offset, write=True)
+        self.check_request(count, offset, write=True)
         bits = self.geo.cluster_bits
         end = offset + count
         first = -(-offset >> bits)
@@ -632,7 +588,7 @@ class QcowDisk(Disk):
         """Plain clusters are punched in place (still allocated, reading
         zeros); unallocated ones already read zeros unless a backing file
         shows through; the rest gets zeros written."""
-        self._check_request(count, offset, write=True)
+        self.check_request(count, offset, write=True)
         with self._lock:
             segments = self._segments(offset, count)
         for pos, length, kind, where in segments:
@@ -653,16 +609,12 @@ class QcowDisk(Disk):
 
     # --- checks -------------------------------------------------------
 
-    def _check_request(self, count, offset, write=False):
-        if write:
+    def check_request(self, count, offset, write=False):
+        if write and self._broken:
             self.check_writable()
-            if self._broken:
-                raise CorruptImage(self.path, FORMAT, "refusing writes: "
-                                   + self._broken)
-        if offset < 0 or count < 0 or offset + count > self.size:
-            raise RequestError(self.path, FORMAT,
-                               f"request {offset}+{count} is beyond the end "
-                               f"of the disk ({self.size})")
+            raise CorruptImage(self.path, FORMAT, "refusing writes: "
+                               + self._broken)
+        super().check_request(count, offset, write)
 
     def _corrupt(self, reason, field):
         """Inconsistent metadata met while serving: refuse writes from now
@@ -684,7 +636,7 @@ class QcowDisk(Disk):
             file_size = file.size()
             space = _Space(geo.cluster_size, file_size)
             space.claim(0, geo.metadata_end)
-            l1 = _from_be(file.read(geo.l1_bytes, geo.l1_table_offset))
+            l1 = be64_array(file.read(geo.l1_bytes, geo.l1_table_offset))
             allocated = compressed = 0
             for l1_index, l2_offset in enumerate(l1):
                 if not l2_offset:
@@ -697,7 +649,7 @@ class QcowDisk(Disk):
                 if problem:
                     report.corrupt(f"L1 entry {l1_index}: {problem}")
                     continue
-                table = _from_be(file.read(geo.l2_bytes, l2_offset))
+                table = be64_array(file.read(geo.l2_bytes, l2_offset))
                 for index, entry in enumerate(table):
                     if not entry:
                         continue

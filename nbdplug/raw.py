@@ -8,7 +8,7 @@ to writing zeros; flush is fdatasync.
 import errno
 
 from .disk import Disk, Run
-from .errors import RequestError, UsageError
+from .errors import UsageError
 from .hostfile import DIRECT_ALIGN
 
 _UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV)
@@ -46,7 +46,7 @@ class RawDisk(Disk):
             f.truncate(size)
 
     def pwrite(self, buf, offset, fua=False):
-        self._check(len(buf), offset)
+        self.check_request(len(buf), offset, write=True)
         self.file.pwrite(buf, offset)
         if fua:
             self.file.flush()
@@ -55,7 +55,7 @@ class RawDisk(Disk):
         self.file.flush()
 
     def trim(self, count, offset, fua=False):
-        self._check(count, offset)
+        self.check_request(count, offset, write=True)
         try:
             self.file.punch(offset, count)
         except OSError as e:
@@ -66,7 +66,7 @@ class RawDisk(Disk):
             self.file.flush()
 
     def zero(self, count, offset, may_trim=False, fua=False):
-        self._check(count, offset)
+        self.check_request(count, offset, write=True)
         attempts = ([self.file.punch] if may_trim else []) + \
             [self.file.zero_range]
         for attempt in attempts:
@@ -104,14 +104,6 @@ class RawDisk(Disk):
 
     def info(self):
         return {}
-
-    def _check(self, count, offset):
-        if self.readonly:
-            self.check_writable()
-        if offset < 0 or count < 0 or offset + count > self.size:
-            raise RequestError(self.path, self.format_name,
-                             f"request {offset}+{count} is beyond the end "
-                             f"of the disk ({self.size})")
 
     def close(self):
         self.file.close()

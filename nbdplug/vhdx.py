@@ -26,7 +26,7 @@ import threading
 import uuid
 
 from .disk import Disk
-from .errors import CorruptImage, RequestError, UnsupportedFeature
+from .errors import CorruptImage, UnsupportedFeature
 from .layout import Layout
 from .vhd.bitmaps import bit_runs
 from .vhd.layers import (ZERO, add_run, map_runs, open_parent, read_runs,
@@ -506,10 +506,7 @@ class VhdxDisk(Disk):
         return runs
 
     def pread(self, buf, offset):
-        if offset < 0 or offset + len(buf) > self.size:
-            raise RequestError(self.path, FMT, f"request {offset}+"
-                               f"{len(buf)} is beyond the end of the disk "
-                               f"({self.size})")
+        self.check_request(len(buf), offset)
         read_runs(self, self.src, self._runs(offset, len(buf)), buf)
 
     def map(self, count, offset):

@@ -183,3 +183,19 @@ def test_internal_snapshots(tmp_path):
     assert_reads_like_qemu(image, tmp_path)
     for key in ("before", "2"):      # by name and by id
         assert_reads_like_qemu(image, tmp_path, options={"snapshot": key})
+
+
+def test_map_past_a_short_backing_file(tmp_path):
+    # qemu-img map's depth where the backing file ends: the layer that
+    # looked, not the last one.
+    (tmp_path / "base.raw").write_bytes(bytes(4 * MiB))
+    mid, top = tmp_path / "mid.qcow2", tmp_path / "top.qcow2"
+    run(["qemu-img", "create", "-f", "qcow2", "-b", "base.raw", "-F", "raw",
+         str(mid), "8M"])
+    run(["qemu-img", "create", "-f", "qcow2", "-b", "mid.qcow2", "-F",
+         "qcow2", str(top), "12M"])
+    ours = json.loads(nbdplug("map", "--output=json", top).stdout)
+    theirs = json.loads(run(["qemu-img", "map", "--output=json",
+                             str(top)]).stdout)
+    assert ours == theirs
+    assert [e["depth"] for e in ours] == [2, 1, 0]

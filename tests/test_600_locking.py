@@ -8,7 +8,7 @@ import signal
 import pytest
 
 from conftest import nbdplug, run, served
-from nbdplug import ImageError, open_image
+from nbdplug import ImageError, open_image, server
 
 MiB = 1 << 20
 
@@ -67,11 +67,14 @@ def test_we_refuse_an_image_qemu_holds_read_write(image, tmp_path):
         with open_image(image, "raw", readonly=True, share=True):
             pass
     finally:
-        with open(pidfile) as f:
-            pidfd = os.pidfd_open(int(f.read()))
-        os.kill(int(open(pidfile).read()), signal.SIGTERM)
-        assert select.select([pidfd], [], [], 10)[0], "qemu-nbd lingers"
+        pid = server.wait_pidfile(pidfile, timeout=10)
+        pidfd = os.pidfd_open(pid)
+        os.kill(pid, signal.SIGTERM)
+        gone = select.select([pidfd], [], [], 10)[0]
+        if not gone:
+            os.kill(pid, signal.SIGKILL)
         os.close(pidfd)
+        assert gone, "qemu-nbd lingers"
     # Locks go with the process: once qemu-nbd has gone, we may write.
     with open_image(image, "raw", readonly=False):
         pass

@@ -63,7 +63,7 @@ def check(path, ctx, repair=None):
 
 def _check(file, geo, path, repair):
     report = CheckReport(filename=path, format=FMT)
-    cs, cb = geo.cluster_size, geo.cluster_bits
+    cs = geo.cluster_size
     file_size = file.size()
     counter = _Counter(geo, file_size, report)
     counter.add(0, cs, "header")

@@ -10,8 +10,8 @@ import struct
 
 from ..errors import UsageError
 from ..hostfile import HostFile
+from ..layout import be64_bytes
 from . import structs as S
-from .refcount import table_bytes
 
 OPTIONS = ("cluster_size", "compat", "refcount_bits", "extended_l2",
            "preallocation", "compression_type", "lazy_refcounts")
@@ -109,7 +109,7 @@ def create(path, size, options, backing=None, backing_fmt=None):
     file = HostFile(path, readonly=False, create=True)
     try:
         file.pwrite(header, 0)
-        file.pwrite(table_bytes([(blocks_at + i) << cb
+        file.pwrite(be64_bytes([(blocks_at + i) << cb
                                  for i in range(blocks)]
                                 + [0] * (table * cs // 8 - blocks)),
                     reftable_at << cb)
@@ -131,9 +131,9 @@ def create(path, size, options, backing=None, backing_fmt=None):
                             entries.append(0xFFFFFFFF)
                     else:
                         entries += [0] * (entry_size // 8)
-                file.pwrite(table_bytes(entries), (l2_at + i) << cb)
+                file.pwrite(be64_bytes(entries), (l2_at + i) << cb)
             file.truncate((data_at + guest_clusters) << cb)
-        file.pwrite(table_bytes(l1), l1_at << cb)
+        file.pwrite(be64_bytes(l1), l1_at << cb)
         end = max(metadata_end, l1_at + l1_clusters) << cb
         if file.size() < end:
             file.truncate(end)

@@ -19,7 +19,8 @@ import sys
 import threading
 
 from ..disk import Disk, Run
-from ..errors import CorruptImage, RequestError, UsageError
+from ..errors import CorruptImage, UsageError
+from ..layout import be64_bytes
 from . import structs as S
 from .compress import compress, decompress
 from .header import read_header
@@ -225,22 +226,14 @@ class Qcow2Disk(Disk):
             part = buf[goff - offset:goff - offset + n]
             if kind == NORMAL:
                 self.file.pread(part, host)
-            elif kind == ZERO or (kind == UNALLOCATED and
-                                  self.backing is None):
+            elif kind == ZERO:
                 part[:] = bytes(n)
             elif kind == UNALLOCATED:
-                self._read_backing(part, goff)
+                self.read_backing(part, goff)
             else:
                 data = self._decompressed(host)
                 at = goff & (self.cluster_size - 1)
                 part[:] = data[at:at + n]
-
-    def _read_backing(self, part, goff):
-        avail = max(0, min(len(part), self.backing.size - goff))
-        if avail:
-            self.backing.pread(part[:avail], goff)
-        if avail < len(part):
-            part[avail:] = bytes(len(part) - avail)
 
     def _decompressed(self, entry):
         cached_entry, data = self.last_compressed
@@ -264,14 +257,6 @@ class Qcow2Disk(Disk):
 
     # --- writes ----------------------------------------------------------
 
-    def _check(self, count, offset):
-        if self.readonly:
-            self.check_writable()
-        if offset < 0 or count < 0 or offset + count > self.size:
-            raise RequestError(self.path, FMT, f"request {offset}+{count} "
-                               f"is beyond the end of the disk "
-                               f"({self.size})")
-
     def _prepare(self):
         """Before the first change: clear autoclear bits we do not keep
         up to date (bitmaps), durably, as the spec requires."""
@@ -284,7 +269,7 @@ class Qcow2Disk(Disk):
         self.prepared = True
 
     def pwrite(self, buf, offset, fua=False):
-        self._check(len(buf), offset)
+        self.check_request(len(buf), offset, write=True)
         data = memoryview(buf)
         try:
             with self.lock:
@@ -523,7 +508,7 @@ class Qcow2Disk(Disk):
         new = self.refs.alloc() << self.cluster_bits
         if old:
             table = self.map_.l2_table(old)
-            content = bytearray(_be_table(table))
+            content = bytearray(be64_bytes(table))
             # Shared data clusters: none of them has refcount 1 any more.
             for i in range(0, len(content), self.map_.geo.l2_entry_size):
                 content[i] &= 0x7F
@@ -539,7 +524,7 @@ class Qcow2Disk(Disk):
     # --- zeroing and discard ----------------------------------------------
 
     def zero(self, count, offset, may_trim=False, fua=False):
-        self._check(count, offset)
+        self.check_request(count, offset, write=True)
         try:
             self._zero(count, offset, may_trim)
             if fua:
@@ -571,7 +556,7 @@ class Qcow2Disk(Disk):
             count -= n
 
     def trim(self, count, offset, fua=False):
-        self._check(count, offset)
+        self.check_request(count, offset, write=True)
         cs = self.cluster_size
         start = -(-offset // cs) * cs
         end = (offset + count) // cs * cs
@@ -722,21 +707,8 @@ class Qcow2Disk(Disk):
                                not self.extended else None))
             elif kind == COMPRESSED:
                 out.append(Run(goff, n, True, False, True, 0, None))
-            elif self.backing is None:
-                out.append(Run(goff, n, False, True, False, 0, None))
             else:
-                out.extend(self._backing_map(goff, n))
-        return out
-
-    def _backing_map(self, goff, n):
-        avail = max(0, min(n, self.backing.size - goff))
-        out = []
-        if avail:
-            for r in self.backing.map(avail, goff):
-                out.append(r._replace(depth=r.depth + 1))
-        if avail < n:
-            out.append(Run(goff + avail, n - avail, False, True, False, 1,
-                           None))
+                out.extend(self.map_backing(n, goff))
         return out
 
     # --- description ----------------------------------------------------------
@@ -779,8 +751,3 @@ def _bit_ranges(bits):
         else:
             sc += 1
     return out
-
-
-def _be_table(table):
-    from .refcount import table_bytes
-    return table_bytes(table)

@@ -10,9 +10,9 @@ reference).
 import array
 import collections
 import struct
-import sys
 
 from ..errors import CorruptImage, UnsupportedFeature
+from ..layout import be64_array, be64_bytes
 from . import structs as S
 
 FMT = "qcow2"
@@ -20,18 +20,8 @@ BLOCK_CACHE = 64                # refcount blocks kept in memory
 
 
 def load_table(file, offset, entries):
-    """A big-endian array of u64 entries from the file, as native ints."""
-    table = array.array("Q", bytes(file.read(entries * 8, offset)))
-    if sys.byteorder == "little":
-        table.byteswap()
-    return table
-
-
-def table_bytes(table):
-    out = array.array("Q", table)
-    if sys.byteorder == "little":
-        out.byteswap()
-    return out.tobytes()
+    """`entries` big-endian u64 table entries from the file."""
+    return be64_array(file.read(entries * 8, offset))
 
 
 class Refcounts:
@@ -226,7 +216,7 @@ class Refcounts:
             len(self.table) // per_cluster
         self.end = start + clusters
         self._set_in(table, start, 1, clusters)
-        self.file.pwrite(table_bytes(table), start << self.cluster_bits)
+        self.file.pwrite(be64_bytes(table), start << self.cluster_bits)
         self.file.flush()
         pos = S.HEADER_V2.offset("refcount_table_offset")
         self.file.pwrite(struct.pack(">QI", start << self.cluster_bits,

@@ -5,7 +5,7 @@ import uuid
 
 from ..check import CheckReport
 from ..disk import Disk
-from ..errors import CorruptImage, ImageError, RequestError
+from ..errors import CorruptImage, ImageError
 from .bitmaps import bit_runs, bits_of, raw_bitmap, span_bits
 from .create import create
 from .header import block_problems, locator_name, read_bat, validate
@@ -150,14 +150,14 @@ class VhdDisk(Disk):
                 self.file.pread(buf, self.bat[block] * SECTOR +
                                 geom.bitmap_size + within)
                 return
-        self._check_request(len(buf), offset, write=False)
+        self.check_request(len(buf), offset)
         read_runs(self, self.file, self._runs(offset, len(buf)), buf)
 
     def map(self, count, offset):
         return map_runs(self, self._runs(offset, count))
 
     def pwrite(self, buf, offset, fua=False):
-        self._check_request(len(buf), offset)
+        self.check_request(len(buf), offset, write=True)
         with self._lock:
             self._write(memoryview(buf).cast("B"), offset)
             if fua:
@@ -247,14 +247,14 @@ class VhdDisk(Disk):
         self.file.flush()
 
     def trim(self, count, offset, fua=False):
-        self._check_request(count, offset)
+        self.check_request(count, offset, write=True)
         with self._lock:
             self._discard(count, offset)
             if fua:
                 self.file.flush()
 
     def zero(self, count, offset, may_trim=False, fua=False):
-        self._check_request(count, offset)
+        self.check_request(count, offset, write=True)
         with self._lock:
             end, grain = offset + count, self._grain
             start = round_up(offset, grain)
@@ -349,14 +349,6 @@ class VhdDisk(Disk):
             self.file.punch(offset, length)
         except OSError:
             self.file.write_zeroes(offset, length)
-
-    def _check_request(self, count, offset, write=True):
-        if write:
-            self.check_writable()
-        if offset < 0 or count < 0 or offset + count > self.size:
-            raise RequestError(self.path, FMT, f"request {offset}+{count} "
-                               f"is beyond the end of the disk "
-                               f"({self.size})")
 
     @classmethod
     def check(cls, path, ctx, repair):

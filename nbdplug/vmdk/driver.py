@@ -27,7 +27,7 @@ import threading
 
 from ..check import CheckReport
 from ..disk import Disk, Run
-from ..errors import (CorruptImage, ImageError, ReadOnlyDisk, RequestError,
+from ..errors import (CorruptImage, ImageError, ReadOnlyDisk,
                       UnsupportedFeature)
 from ..locking import ImageLock
 from . import create as _create
@@ -197,9 +197,7 @@ class VmdkDisk(Disk):
 
     def _split(self, offset, length):
         """(extent, offset in extent, length) pieces of a guest range."""
-        if offset < 0 or length < 0 or offset + length > self.size:
-            raise RequestError(self.path, FMT, f"request {offset}+{length} "
-                               f"is beyond the end of the disk ({self.size})")
+        self.check_request(length, offset)
         if len(self.extents) == 1:
             return ((self.extents[0], offset, length),)
         out, end = [], offset + length
@@ -225,7 +223,7 @@ class VmdkDisk(Disk):
                     if state == DATA:
                         ext.file.pread(view, where)
                     elif state == UNALLOC:
-                        self._read_background(view, offset + pos)
+                        self.read_backing(view, offset + pos)
                     elif state == ZERO:
                         _fill_zero(view)
                     else:
@@ -237,18 +235,10 @@ class VmdkDisk(Disk):
             self._stop_writing(e)
             raise
 
-    def _read_background(self, view, offset):
-        """What an unallocated guest range shows: the parent, then zeros."""
-        n = 0
-        if self.backing is not None and offset < self.backing.size:
-            n = min(len(view), self.backing.size - offset)
-            self.backing.pread(view[:n], offset)
-        _fill_zero(view[n:])
-
     def _background(self, offset, length):
-        """_read_background as a new buffer (extents fill grains with it)."""
+        """read_backing into a new buffer (extents fill grains with it)."""
         buf = bytearray(length)
-        self._read_background(memoryview(buf), offset)
+        self.read_backing(memoryview(buf), offset)
         return buf
 
     def _background_is_zero(self, offset, length):
@@ -277,22 +267,8 @@ class VmdkDisk(Disk):
                 elif state == ZERO:
                     runs.append(Run(pos, length, True, True, False, 0, None))
                 else:
-                    runs += self._background_runs(pos, length)
+                    runs += self.map_backing(length, pos)
                 pos += length
-        return runs
-
-    def _background_runs(self, offset, length):
-        """Runs of an unallocated range: the parent's, one layer deeper;
-        past the parent, allocated nowhere (depth of the last layer, as
-        qemu-img map counts it)."""
-        runs, n = [], 0
-        if self.backing is not None and offset < self.backing.size:
-            n = min(length, self.backing.size - offset)
-            runs = [r._replace(depth=r.depth + 1)
-                    for r in self.backing.map(n, offset)]
-        if n < length:
-            runs.append(Run(offset + n, length - n, False, True, False,
-                            len(list(self.chain())) - 1, None))
         return runs
 
     # --- writing ------------------------------------------------------------

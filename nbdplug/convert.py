@@ -47,8 +47,12 @@ def convert(src_path, dst_path, out_fmt, src_fmt=None, options=None,
         raise UsageError(f"format {out_fmt!r} does not support compression")
     with open_image(src_path, src_fmt, readonly=True, policy=policy,
                     share=share) as src:
-        create_image(dst_path, out_fmt, src.size, options, backing=backing,
+        # Image formats count in 512-byte sectors: round up, as qemu-img
+        # convert does (the tail reads as zeros).
+        size = src.size if out_fmt == "raw" else -(-src.size // 512) * 512
+        create_image(dst_path, out_fmt, size, options, backing=backing,
                      backing_fmt=backing_fmt, policy=policy)
+        files = [dst_path]
         try:
             with open_image(dst_path, out_fmt, readonly=False,
                             policy=policy,
@@ -56,14 +60,15 @@ def convert(src_path, dst_path, out_fmt, src_fmt=None, options=None,
                             else None,
                             file_factory=DeferredFlushFile) as dst, \
                     progress_bar(src.size, progress) as update:
+                files = dst.files()     # split VMDKs have several
                 copy(src, dst, keep_backing=backing is not None,
                      progress=update)
                 dst.flush()
-                files = dst.files()
             _sync(files)
         except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(dst_path)
+            for path in files:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
             raise
 
 
@@ -87,7 +92,7 @@ def _sync(paths):
 
 
 def copy(src, dst, keep_backing=False, progress=None):
-    """Copy `src` onto `dst`, a Disk of the same size that reads as
+    """Copy `src` onto `dst`, a Disk at least as large that reads as
     zeros (or as its backing file, when `keep_backing`)."""
     zero_target = ZERO if keep_backing else SKIP
     granule = max(MIN_GRANULE, getattr(dst, "cluster_size", None) or 0)

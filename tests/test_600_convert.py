@@ -165,3 +165,44 @@ def test_bad_input(tmp_path):
                            "-o", "bogus=1", src, tmp_path / "x.raw",
                            check=False), "bogus")
     assert not os.path.exists(tmp_path / "x.raw")
+
+
+@pytest.mark.parametrize("out_fmt", ["qcow2", "vmdk", "vpc"])
+def test_source_size_not_a_sector_multiple(tmp_path, out_fmt):
+    src = tmp_path / "odd.raw"
+    src.write_bytes(os.urandom(MiB + 1234))
+    dst = tmp_path / f"dst.{out_fmt}"
+    nbdplug("convert", "-q", "-f", "raw", "-O", out_fmt, src, dst)
+    # Rounded up to whole sectors, as qemu-img converts; the tail is zero.
+    info = json.loads(run(["qemu-img", "info", "--output=json",
+                           str(dst)]).stdout)
+    assert info["virtual-size"] == MiB + 1536
+    raw = tmp_path / "back.raw"
+    run(["qemu-img", "convert", "-O", "raw", str(dst), str(raw)])
+    assert raw.read_bytes() == src.read_bytes() + bytes(302)
+
+
+def test_failed_convert_leaves_no_files(tmp_path):
+    # A source that fails half way (a corrupt L2 entry), converted to a
+    # VMDK split into 2 GiB extent files: neither the descriptor nor any
+    # extent may be left behind.
+    src = tmp_path / "src.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", str(src), "3G"])
+    run(["qemu-io", "-f", "qcow2", "-c", "write -P 1 0 64k",
+         "-c", "write -P 2 2500M 64k", str(src)])
+    info = json.loads(run(["qemu-img", "map", "--output=json",
+                           str(src)]).stdout)
+    host = [e for e in info if e["start"] == 2500 * MiB][0]["offset"]
+    with open(src, "r+b") as f:               # find and break that entry
+        data = f.read(4 * MiB)
+        at = data.find((host | 1 << 63).to_bytes(8, "big"))
+        assert at > 0
+        f.seek(at)
+        f.write(((host + 512) | 1 << 63).to_bytes(8, "big"))
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = nbdplug("convert", "-q", "-f", "qcow2", "-O", "vmdk", "-o",
+                   "subformat=twoGbMaxExtentSparse", src, out / "dst.vmdk",
+                   check=False)
+    one_line_error(proc, "L2 table")
+    assert os.listdir(out) == []

@@ -175,8 +175,11 @@ class VhdDisk(Disk):
         start, stop = offset - offset % grain, round_up(end, grain)
         if (start, stop) != (offset, end):
             whole = bytearray(stop - start)
-            self.pread(memoryview(whole)[:grain], start)
-            self.pread(memoryview(whole)[-grain:], stop - grain)
+            # The last grain may run past the end of a disk whose size is
+            # not a whole number of grains: that part stays zero.
+            for at in (start, stop - grain):
+                n = max(0, min(grain, self.size - at))
+                self.pread(memoryview(whole)[at - start:at - start + n], at)
             whole[offset - start:end - start] = view
             view, offset = memoryview(whole), start
         bs, pos = self.geom.block_size, 0

@@ -9,8 +9,10 @@ PY := $(VENV)/bin/python
 setup:
 	@./tools/setup.sh
 
+# The host tests, then the kernel lane.
 test: setup
 	$(PY) -m pytest -q
+	./tools/kernel-lane.sh
 
 # The tests marked kernel, inside Debian's stock kernel under QEMU.
 test-kernel: setup

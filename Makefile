@@ -18,10 +18,18 @@ test: setup
 test-kernel: setup
 	./tools/kernel-lane.sh
 
-# udev rules that keep automounters and blkid away from our devices.
-install:
+# The commands into /usr/local/bin (linked to the venv), udev rules that
+# keep automounters and blkid away from our devices, the Xen hotplug
+# scripts and the systemd unit of `nbdplug serve`.
+install: setup
+	ln -sf $(CURDIR)/$(VENV)/bin/nbdplug $(CURDIR)/$(VENV)/bin/tapbridge /usr/local/bin/
 	install -m 644 hotplug/rules/*.rules /etc/udev/rules.d/
 	-udevadm control --reload
+	install -d /etc/xen/scripts /etc/nbdplug
+	install -m 755 hotplug/xen/block-nbdplug hotplug/xen/block-tapbridge /etc/xen/scripts/
+	install -m 644 hotplug/xen/nbdplug-common.sh /etc/xen/scripts/
+	install -m 644 hotplug/nbdplug@.service /etc/systemd/system/
+	-systemctl daemon-reload
 
 demo: setup
 	@PATH="$(CURDIR)/$(VENV)/bin:$$PATH" ./tools/demo.sh

@@ -16,7 +16,7 @@ import time
 
 from nbdplug import server
 from nbdplug.errors import UsageError
-from nbdplug.opener import open_image
+from nbdplug.opener import names_a_file, open_image
 
 from . import devices, partitions, procs, state
 from .udev import Watcher
@@ -29,7 +29,8 @@ def attach(image, fmt=None, readonly=False, share=False, via=None,
     """Attach `image`; returns its record (see state.py)."""
     if via not in (None,) + VIA:
         raise UsageError(f"--via {via!r}: expected nbd or loop")
-    image = os.path.realpath(image)
+    if names_a_file(image):
+        image = os.path.realpath(image)
     with state.locked():
         for other in state.load_all():
             if other["image"] != image:
@@ -146,7 +147,7 @@ def find(target):
     out = []
     for r in state.load_all():
         if real in devices_of(r) or target in devices_of(r) or \
-                real == r["image"] or real in r.get("mounts", []):
+                r["image"] in (real, target) or real in r.get("mounts", []):
             out.append(r)
     return out
 

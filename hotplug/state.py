@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import tempfile
 
 RECORD = "state.json"
@@ -39,7 +40,7 @@ def locked():
 def new_dir(image):
     """A fresh directory for one attachment (short: socket paths are
     limited to 108 bytes)."""
-    base = os.path.basename(image)[:24] or "image"
+    base = re.sub(r"[^\w.-]", "_", os.path.basename(image))[:24] or "image"
     return tempfile.mkdtemp(prefix=base + ".", dir=run_dir())
 
 

@@ -7,38 +7,31 @@ its raw disk must not turn it into a qcow2 with a backing file of its
 choosing.  Backing files are opened read-only, through the same policy.
 """
 
-import importlib
 import os
 import stat
 
 from . import policy as _policy
-from . import remote
+from . import ram, remote
 from .locking import ImageLock
 from .errors import ImageError, PolicyError, UnsupportedFeature, UsageError
 from .hostfile import HostFile
+from .qcow import QcowDisk
+from .qcow2 import Qcow2Disk
+from .ram import RamDisk
 from .raw import RawDisk
+from .vhd import VhdDisk
+from .vhdx import VhdxDisk
+from .vmdk import VmdkDisk
 
 FORMATS = {
     "raw": RawDisk,
+    "qcow2": Qcow2Disk,
+    "qcow": QcowDisk,
+    "vmdk": VmdkDisk,
+    "vpc": VhdDisk,
+    "vhdx": VhdxDisk,
+    "ram": RamDisk,
 }
-
-# Drivers still being written register here as their modules land; a
-# module not yet present (or not yet defining its class) is not offered.
-for _name, _module, _cls in (
-        ("qcow2", "qcow2", "Qcow2Disk"),
-        ("qcow", "qcow", "QcowDisk"),
-        ("vmdk", "vmdk", "VmdkDisk"),
-        ("vpc", "vhd", "VhdDisk"),
-        ("vhdx", "vhdx", "VhdxDisk"),
-        ("ram", "ram", "RamDisk")):
-    try:
-        _mod = importlib.import_module(f"{__package__}.{_module}")
-    except ModuleNotFoundError as _e:
-        if _e.name != f"{__package__}.{_module}":
-            raise
-        continue
-    if hasattr(_mod, _cls):
-        FORMATS[_name] = getattr(_mod, _cls)
 
 # A chain deeper than this is refused (and loops are caught earlier).
 MAX_CHAIN_DEPTH = 64
@@ -118,9 +111,8 @@ def names_a_file(name):
 def _ram_name(path, fmt, create=False):
     """`ram:NAME` (or, when creating with -f ram, a bare NAME) names a
     shared RAM disk: its file and format (see ram.py)."""
-    ram = FORMATS.get("ram")
     named = isinstance(path, str) and path.startswith("ram:")
-    if ram is None or not (named or (create and fmt == "ram")):
+    if not (named or (create and fmt == "ram")):
         return path, fmt
     if fmt not in (None, "ram"):
         raise UsageError(f"{path}: a RAM disk has format ram, not {fmt}")

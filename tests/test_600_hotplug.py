@@ -21,7 +21,8 @@ import parted
 import pytest
 
 import hotplug.cli
-from conftest import REPO, run
+from conftest import REPO, nbdplug, run, served
+from nbdplug import ram
 
 MiB = 1 << 20
 HOTPLUG = [sys.executable, "-m", "hotplug.cli"]
@@ -199,6 +200,34 @@ def test_attach_maps_every_partition(hp, gpt):
     hp("detach", disk)
     assert hp.list() == []
     assert_clean(hp.run_dir)
+
+
+def test_attach_names_that_are_not_files(hp, gpt):
+    """An NBD URI and a RAM disk are attached as given (not made into
+    paths): partitions and bytes as from the file."""
+    with open(gpt, "rb") as f:
+        image = f.read()
+    with served(gpt, "raw", readonly=True) as srv:
+        disk, parts = hp.attach("--readonly", srv.uri)
+        assert sorted(parts) == ["p1", "p2", "p3"]
+        assert read_dev(parts["p3"], 0, 4096) == image[25 * MiB:][:4096]
+        [entry] = hp.list()
+        assert entry["image"] == srv.uri
+        hp("detach", disk)
+    name = f"hp{os.getpid()}"
+    nbdplug("create", "-q", "-f", "ram", name, str(len(image)))
+    try:
+        with open(ram.path_for(name), "r+b") as f:
+            f.seek(ram.DATA_OFFSET)
+            f.write(image)
+        disk, parts = hp.attach(f"ram:{name}")
+        assert read_dev(disk, 0, len(image)) == image
+        assert read_dev(parts["p1"], 0, 4096) == image[MiB:][:4096]
+        [entry] = hp.list()
+        assert entry["image"] == f"ram:{name}" and entry["format"] == "ram"
+        hp("detach", f"ram:{name}")
+    finally:
+        nbdplug("rm-ram", name)
 
 
 def test_mount_write_umount(hp, gpt, tmp_path):

@@ -63,6 +63,10 @@ def nbd_connect(socket, readonly, taken):
         argv = ["nbd-client", "-unix", socket, dev, "-b", "512"]
         if readonly:
             argv.append("-readonly")
+        if not _first_netns():
+            # The kernel's nbd netlink family exists only in the first
+            # network namespace; the ioctls work in any.
+            argv.append("-nonetlink")
         try:
             run(argv, "nbd-client")
             return dev
@@ -70,6 +74,14 @@ def nbd_connect(socket, readonly, taken):
             last = e
     raise last or UsageError("no free /dev/nbd device (modprobe nbd "
                              "nbds_max=N for more)")
+
+
+def _first_netns():
+    try:
+        return os.stat("/proc/self/ns/net").st_ino == \
+            os.stat("/proc/1/ns/net").st_ino
+    except OSError:
+        return True
 
 
 def nbd_disconnect(dev):

@@ -51,6 +51,11 @@ def read_table(dev):
             except _PARTED_ERRORS:
                 return None
             return [Partition(0, 0, device.length * device.sectorSize, fs)]
+        if disk.type == "loop":
+            # libparted's name for a filesystem on the whole disk.
+            [p] = disk.partitions
+            return [Partition(0, 0, device.length * device.sectorSize,
+                              p.fileSystem.type if p.fileSystem else None)]
         out = []
         for p in disk.partitions:
             if p.type & parted.PARTITION_EXTENDED:

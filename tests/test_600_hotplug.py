@@ -249,6 +249,30 @@ def test_mount_write_umount(hp, gpt, tmp_path):
         hp("umount", mnt)
 
 
+def test_filesystem_on_the_whole_disk(hp, tmp_path):
+    """No partition table, a filesystem from sector 0 (what libparted
+    calls a "loop" label): no partition devices; mount uses the disk."""
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "whole.txt").write_text("no table here\n")
+    image = tmp_path / "whole.raw"
+    run(["mkfs.ext4", "-q", "-d", files, image, "16M"])
+    disk, parts = hp.attach("-f", "raw", "--readonly", image)
+    assert parts == {}
+    with open(image, "rb") as f:
+        assert read_dev(disk, 0, 1 << 20) == f.read(1 << 20)
+    hp("detach", disk)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    hp("mount", "-f", "raw", "--readonly", image, mnt)
+    try:
+        assert (mnt / "whole.txt").read_text() == "no table here\n"
+        [entry] = hp.list()
+        assert entry["partitions"] == {}
+    finally:
+        hp("umount", mnt)
+
+
 def test_partitions_every_time(hp, gpt):
     """CYCLES attach/detach cycles: all three partitions, right bytes."""
     for cycle in range(CYCLES):

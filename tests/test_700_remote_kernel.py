@@ -1,7 +1,8 @@
-"""The kernel lane (make test-kernel): the kernel's NBD client on one
-host attaches an export that `nbdplug serve` offers over TLS (X.509, the
-kind nbd-client speaks) from another, and the filesystem on it mounts
-and reads back."""
+"""The kernel lane (make test-kernel): on one host, the kernel's NBD
+client attaches an export that `nbdplug serve` offers over TLS from
+another, directly (nbd-client with X.509, the kind it speaks) and through
+`nbdplug attach nbds://...` (TLS-PSK); the filesystem on it mounts and
+reads back."""
 
 import os
 
@@ -10,7 +11,8 @@ import pytest
 from conftest import NBDPLUG, REPO, run
 from netns import TwoHosts
 from nbdplug import server
-from test_700_remote_serve import make_pki
+from test_600_hotplug import HOTPLUG
+from test_700_remote_serve import make_pki, psk_uri
 
 pytestmark = pytest.mark.kernel
 MiB = 1 << 20
@@ -25,7 +27,8 @@ def free_nbd():
     raise AssertionError("no free /dev/nbd device")
 
 
-def test_kernel_nbd_client_over_tls(tmp_path):
+def make_fs(tmp_path):
+    """An ext4 image holding two files; returns it and the blob's bytes."""
     files = tmp_path / "files"
     (files / "etc").mkdir(parents=True)
     (files / "etc" / "hostname").write_text("guest\n")
@@ -35,6 +38,11 @@ def test_kernel_nbd_client_over_tls(tmp_path):
     run(["mkfs.ext4", "-q", "-d", files, image, "32M"])
     mnt = tmp_path / "mnt"
     mnt.mkdir()
+    return image, blob, mnt
+
+
+def test_kernel_nbd_client_over_tls(tmp_path):
+    image, blob, mnt = make_fs(tmp_path)
     with TwoHosts() as hosts:
         pki = make_pki(tmp_path / "pki", [hosts.server.ip])
         pidfile = tmp_path / "server.pid"
@@ -61,3 +69,40 @@ def test_kernel_nbd_client_over_tls(tmp_path):
         finally:
             run(["nbd-client", "-d", dev], check=False)
             server.stop(str(pidfile))
+
+
+def test_nbdplug_attach_remote_uri(tmp_path):
+    """`nbdplug attach nbds://...` on the client host: a local nbdkit
+    relays the remote export (TLS-PSK, by libnbd) to /dev/nbdN."""
+    image, blob, mnt = make_fs(tmp_path)
+    env = dict(os.environ, NBDPLUG_RUN_DIR=str(tmp_path / "run"))
+    os.mkdir(env["NBDPLUG_RUN_DIR"])
+    with TwoHosts() as hosts:
+        pki = make_pki(tmp_path / "pki", [hosts.server.ip])
+        pidfile = tmp_path / "server.pid"
+        hosts.server.run(NBDPLUG + [
+            "serve", "--listen", f"{hosts.server.ip}:10809",
+            "--tls-psk", pki.psk, "--pidfile", pidfile,
+            "--export", f"fs={image}:raw"], cwd=REPO)
+        uri = psk_uri(hosts.server.ip, 10809, "fs", pki)
+        try:
+            out = hosts.client.run(HOTPLUG + ["attach", "--readonly", uri],
+                                   cwd=REPO, env=env).stdout
+            dev = out.split()[0]
+            assert dev.startswith("/dev/nbd"), out
+            # Mounted here: `ip netns exec` has a mount namespace of its own.
+            run(["mount", "-o", "ro,noload", dev, mnt])
+            try:
+                assert (mnt / "etc" / "hostname").read_text() == "guest\n"
+                assert (mnt / "blob.bin").read_bytes() == blob
+            finally:
+                run(["umount", mnt])
+            listed = hosts.client.run(HOTPLUG + ["list"], cwd=REPO,
+                                      env=env).stdout
+            assert uri in listed and dev in listed, listed
+        finally:
+            hosts.client.run(HOTPLUG + ["detach", "--all"], cwd=REPO,
+                             env=env, check=False)
+            server.stop(str(pidfile))
+        assert not os.path.exists(f"/sys/block/{dev[5:]}/pid")
+        assert os.listdir(env["NBDPLUG_RUN_DIR"]) in ([], [".lock"])

@@ -10,6 +10,7 @@ writes (MiB/s), ring orders 0 and 4 at 32 and 256 requests in flight.
 Each figure is the median of ROUNDS runs after a 1 s ramp.
 """
 
+import argparse
 import os
 import shutil
 import sys
@@ -32,13 +33,14 @@ RINGS = [(0, 32), (4, 32), (4, 256)]
 _BYTES = {"4k": 4096, "1M": MiB}
 
 
-def ring(image, fmt, workdir, mode, bs, order, qd):
-    """IOPS (4k) or MiB/s (1M) through serve-shm at `qd` in flight."""
+def ring(image, fmt, workdir, mode, bs, order, qd, extra=()):
+    """IOPS (4k) or MiB/s (1M) through serve-shm at `qd` in flight;
+    `extra`: more serve-shm arguments (--workers N)."""
     nbytes = _BYTES[bs]
     # Guest memory: each slot's data pages, then its indirect page.
     shm = ShmDir(os.path.join(workdir, "shm"), qd * (nbytes // 4096 + 1))
     fe = Frontend(shm, order)
-    be = Backend(shm, image, fmt=fmt, order=order)
+    be = Backend(shm, image, fmt=fmt, order=order, extra=extra)
     try:
         fe.bench(mode, nbytes, qd, 1, GiB)          # ramp
         ops, errors, seconds = fe.bench(mode, nbytes, qd, RUNTIME, GiB)
@@ -58,28 +60,30 @@ def nbd(image, fmt, workdir, mode, bs, qd):
         return fio(uri, mode, bs, qd, 1, os.path.join(workdir, "fio.json"))[0]
 
 
-def run(workdir, fmt="raw"):
+def run(workdir, fmt="raw", workloads=WORKLOADS, rings=RINGS,
+        rounds=ROUNDS, extra=()):
     image = os.path.join(workdir, f"bench.{fmt}")
     make_image(image, fmt)
     # Guest memory lives in RAM, as it would.
     shmdir = tempfile.mkdtemp(prefix="tapbridge-bench.", dir="/dev/shm")
     try:
-        return _run(image, fmt, workdir, shmdir)
+        return _run(image, fmt, workdir, shmdir, workloads, rings, rounds,
+                    extra)
     finally:
         shutil.rmtree(shmdir, ignore_errors=True)
         os.unlink(image)
 
 
-def _run(image, fmt, workdir, shmdir):
+def _run(image, fmt, workdir, shmdir, workloads, rings, rounds, extra):
     results = {}
-    for name, mode, bs in WORKLOADS:
+    for name, mode, bs in workloads:
         unit = "MiB/s" if bs == "1M" else "IOPS"
         peers = {qd: summary([nbd(image, fmt, workdir, mode, bs, qd)
-                              for _ in range(ROUNDS)])
-                 for qd in sorted({qd for _, qd in RINGS})}
-        for order, qd in RINGS:
-            r = summary([ring(image, fmt, shmdir, mode, bs, order, qd)
-                         for _ in range(ROUNDS)])
+                              for _ in range(rounds)])
+                 for qd in sorted({qd for _, qd in rings})}
+        for order, qd in rings:
+            r = summary([ring(image, fmt, shmdir, mode, bs, order, qd,
+                              extra) for _ in range(rounds)])
             r["nbd"] = peers[qd]
             r["ratio"] = r["median"] / peers[qd]["median"]
             r["unit"] = unit
@@ -102,3 +106,33 @@ def markdown(results, fmt="raw"):
             f"[{r['nbd']['min']:.0f}-{r['nbd']['max']:.0f}] | "
             f"{r['ratio']:.2f}x |")
     return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workloads", default=",".join(
+        name for name, _, _ in WORKLOADS),
+        help="comma-separated, from: " + ", ".join(
+            name for name, _, _ in WORKLOADS))
+    parser.add_argument("--rings", default=",".join(
+        f"{order}:{qd}" for order, qd in RINGS),
+        help="comma-separated ORDER:QD pairs")
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
+    parser.add_argument("--workers", type=int,
+                        help="serve-shm --workers (default: its own)")
+    args = parser.parse_args()
+    names = args.workloads.split(",")
+    workloads = [w for w in WORKLOADS if w[0] in names]
+    rings = [tuple(map(int, r.split(":"))) for r in args.rings.split(",")]
+    extra = ("--workers", str(args.workers)) if args.workers else ()
+    workdir = tempfile.mkdtemp(prefix="tapbridge-bench.", dir="/var/tmp")
+    try:
+        results = run(workdir, workloads=workloads, rings=rings,
+                      rounds=args.rounds, extra=extra)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()

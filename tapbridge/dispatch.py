@@ -1,10 +1,19 @@
 """Serving a blkif ring from an nbdplug Disk.
 
 One consumer thread copies requests off the ring, validates each copy
-completely, and hands it to a pool of workers; workers call the Disk
-(the same driver objects the nbdkit plugin serves), write the response
-and push it, so requests complete out of order as in blkback, QEMU and
+completely, and queues it for a pool of workers; workers call the Disk
+(the same driver objects the nbdkit plugin serves) and write the
+response, so requests complete out of order as in blkback, QEMU and
 tapdisk3.  A full ring of requests in flight is the normal case.
+
+Handing each request to another thread costs more than a 4 KiB request
+served from the page cache (a wake-up and GIL hand-offs per request), so
+one awake worker drains the queue and publishes its responses when the
+queue runs dry: one wake-up and one notification per batch.  Every
+SLOW_SECONDS while requests are in flight the consumer publishes what is
+answered and, if requests are queued behind a driver call that has run
+that long, wakes one more worker: a slow or stuck call holds up the
+others about that long, and a slow disk soon has every worker busy.
 
 - READ / WRITE: the segments become one buffer and one driver call
   (contiguous guest memory is used in place, scattered segments go
@@ -25,12 +34,13 @@ invalid grant) is answered BLKIF_RSP_ERROR before anything is written;
 unknown operations are answered BLKIF_RSP_EOPNOTSUPP.
 """
 
+import collections
 import errno
 import logging
 import os
-import queue
 import select
 import threading
+import time
 
 from . import abi
 from .abi import (BLKIF_OP_DISCARD, BLKIF_OP_FLUSH_DISKCACHE,
@@ -48,6 +58,9 @@ DISCARD_GRANULARITY = PAGE_SIZE
 # The safety net under event suppression: look at the ring this often
 # even without a notification.
 RECHECK_SECONDS = 0.5
+# A driver call running this long waits on storage, not on the CPU:
+# another worker may run meanwhile.
+SLOW_SECONDS = 0.0002
 DEFAULT_WORKERS = 4
 # A guest can fail requests as fast as it likes; log only the first ones.
 MAX_COMPLAINTS = 100
@@ -96,10 +109,15 @@ class Dispatcher:
         self.can_secure_discard = self.can_discard and disk.can_zero
         self.max_indirect = max_indirect
         self.nworkers = workers
-        self._lock = threading.Lock()           # response slots, counts
-        self._idle = threading.Condition(self._lock)
-        self._inflight = 0
-        self._queue = queue.SimpleQueue()
+        self._lock = threading.Lock()   # queue, response slots, counts
+        self._idle = threading.Condition(self._lock)    # _inflight == 0
+        self._work = threading.Condition(self._lock)    # for workers
+        self._queue = collections.deque()
+        self._inflight = 0      # dispatched, not yet answered
+        self._awake = workers   # workers not waiting for work
+        self._calls = [0.0] * workers   # when each worker's call began
+        self._checked = 0.0     # time of the last _check_workers
+        self._quit = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stopping = False
         self._complaints = 0
@@ -110,7 +128,8 @@ class Dispatcher:
         """Serve until stop(); raises RingOverrun when the frontend
         overruns the ring.  Either way in-flight requests are finished
         and answered and the disk is flushed before this returns."""
-        workers = [threading.Thread(target=self._worker, daemon=True,
+        workers = [threading.Thread(target=self._worker, args=(i,),
+                                    daemon=True,
                                     name=f"tapbridge-worker-{i}")
                    for i in range(self.nworkers)]
         for t in workers:
@@ -122,15 +141,23 @@ class Dispatcher:
             while not self._stopping:
                 requests = self.ring.take()
                 if requests:
-                    for raw in requests:
-                        self._dispatch(raw)
+                    batch = []
+                    try:
+                        for raw in requests:
+                            self._dispatch(raw, batch)
+                    finally:
+                        self._enqueue(batch)
                 elif not self.ring.final_check():
-                    if poller.poll(RECHECK_SECONDS * 1000):
+                    wait = SLOW_SECONDS if self._inflight else \
+                        RECHECK_SECONDS
+                    if poller.poll(wait * 1000):
                         self.transport.clear_kicks()
+                self._check_workers()
         finally:
             self._drain()
-            for _ in workers:
-                self._queue.put(None)
+            with self._lock:
+                self._quit = True
+                self._work.notify_all()
             for t in workers:
                 t.join()
             if not self.disk.readonly:
@@ -149,7 +176,9 @@ class Dispatcher:
         os.close(self._wake_r)
         os.close(self._wake_w)
 
-    def _dispatch(self, raw):
+    def _dispatch(self, raw, batch):
+        """Answer a bad request, or add a good one to `batch`; a barrier
+        first queues the batch and waits for all of it."""
         try:
             req = self._parse(raw)
         except Rejected as e:
@@ -158,22 +187,59 @@ class Dispatcher:
             op = raw[1] if raw[0] == BLKIF_OP_INDIRECT else raw[0]
             req_id = self.protocol.request.unpack_from(raw).id
             self._complain("request %#x (operation %d): %s", req_id, op, e)
-            self._respond(req_id, op, e.status, inflight=False)
+            self._respond(req_id, op, e.status)
             return
         if req.operation == BLKIF_OP_WRITE_BARRIER:
             # Everything before the barrier completes first; nothing after
             # it is consumed until it is durable.
+            self._enqueue(batch)
+            batch.clear()
             self._drain()
-            self._respond(req.id, req.operation, self._execute(req),
-                          inflight=False)
+            self._respond(req.id, req.operation, self._execute(req))
+            return
+        batch.append(req)
+
+    def _enqueue(self, batch):
+        if not batch:
             return
         with self._lock:
-            self._inflight += 1
-        self._queue.put(req)
+            self._inflight += len(batch)
+            self._queue.extend(batch)
+            # An awake worker takes it (or, if that one is in a slow
+            # call, _check_workers wakes another).
+            if not self._awake:
+                self._wake()
+
+    def _wake(self):
+        """Wake one waiting worker (lock held)."""
+        if self._awake < self.nworkers:
+            self._awake += 1
+            self._work.notify()
+
+    def _check_workers(self):
+        """_unstall, at most every SLOW_SECONDS while requests are out."""
+        now = time.monotonic()
+        if self._inflight and now - self._checked >= SLOW_SECONDS:
+            self._checked = now
+            with self._lock:
+                self._unstall(now)
+
+    def _unstall(self, now):
+        """Publish the responses written so far (the worker that would
+        publish them may be in a slow driver call) and, if requests are
+        queued behind a call that has run SLOW_SECONDS, wake one more
+        worker.  Lock held."""
+        if self._queue and any(t and now - t >= SLOW_SECONDS
+                               for t in self._calls):
+            self._wake()
+        if self.ring.push():
+            self.transport.notify()
 
     def _drain(self):
         with self._idle:
-            self._idle.wait_for(lambda: self._inflight == 0)
+            while self._inflight:
+                if not self._idle.wait(SLOW_SECONDS):
+                    self._unstall(time.monotonic())
 
     # --- validation: on the private copy only ------------------------------
 
@@ -191,7 +257,8 @@ class Dispatcher:
         least = 1 if op in (BLKIF_OP_READ, BLKIF_OP_WRITE) else 0
         if not least <= nseg <= abi.BLKIF_MAX_SEGMENTS_PER_REQUEST:
             raise Rejected(BLKIF_RSP_ERROR, f"{nseg} segments")
-        segments = [s[:3] for s in _SEGMENT.iter_unpack(req.seg)][:nseg]
+        segments = [s[:3] for s in
+                    _SEGMENT.iter_unpack(req.seg[:nseg * _SEGMENT.size])]
         return self._rw(req.id, op, req.sector_number, segments)
 
     def _parse_indirect(self, raw):
@@ -249,14 +316,34 @@ class Dispatcher:
 
     # --- execution ---------------------------------------------------------
 
-    def _worker(self):
-        get = self._queue.get
-        while True:
-            req = get()
-            if req is None:
-                return
-            self._respond(req.id, req.operation, self._execute(req),
-                          inflight=True)
+    def _worker(self, i):
+        with self._lock:
+            while True:
+                if not self._queue:
+                    if self._quit:
+                        return
+                    self._awake -= 1    # whoever wakes us counts us again
+                    self._work.wait()
+                    continue
+                req = self._queue.popleft()
+                self._lock.release()
+                try:
+                    self._calls[i] = time.monotonic()
+                    status = self._execute(req)
+                finally:
+                    self._calls[i] = 0.0
+                    self._lock.acquire()
+                self.ring.respond(req.id, req.operation, status)
+                self._inflight -= 1
+                if not self._inflight:
+                    self._idle.notify_all()
+                if not self._queue:     # the batch is done: publish it
+                    if self.ring.push():
+                        self._lock.release()
+                        try:
+                            self.transport.notify()
+                        finally:
+                            self._lock.acquire()
 
     def _execute(self, req):
         """Run one request on the disk; its response status."""
@@ -300,13 +387,10 @@ class Dispatcher:
         if self._complaints == MAX_COMPLAINTS:
             log.warning("not logging further failed requests")
 
-    def _respond(self, req_id, operation, status, inflight):
+    def _respond(self, req_id, operation, status):
+        """Answer a request the consumer handled itself, at once."""
         with self._lock:
             self.ring.respond(req_id, operation, status)
             notify = self.ring.push()
-            if inflight:
-                self._inflight -= 1
-                if not self._inflight:
-                    self._idle.notify_all()
         if notify:
             self.transport.notify()

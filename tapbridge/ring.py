@@ -56,9 +56,13 @@ class BackRing:
         self._buf = memoryview(buf)
         # Native uint32 words: x86 is little-endian, as the ABI.
         self._idx = self._buf[:SRING_HEADER.size].cast("I")
-        self._response = protocol.response
-        self._blank_response = protocol.response.unpack_from(
-            bytes(protocol.response.size))
+        # A response is packed from a zeroed template with three fields
+        # set: cheaper than building a named tuple per response.
+        layout = protocol.response
+        self._pack_response = layout.struct.pack_into
+        self._template = list(layout.struct.unpack(bytes(layout.size)))
+        self._fields = tuple(layout.fields.index(f)
+                             for f in ("id", "operation", "status"))
         start = self._idx[_RSP_PROD]
         self.req_cons = self.rsp_prod_pvt = start
         _fence(_ACQUIRE)
@@ -112,10 +116,11 @@ class BackRing:
 
     def respond(self, req_id, operation, status):
         """Write one response into the next response slot (unpublished)."""
-        self._response.pack_into(
-            self._buf, self._slot(self.rsp_prod_pvt),
-            self._blank_response._replace(id=req_id, operation=operation,
-                                          status=status))
+        values = self._template.copy()
+        i, o, s = self._fields
+        values[i], values[o], values[s] = req_id, operation, status
+        self._pack_response(self._buf, self._slot(self.rsp_prod_pvt),
+                            *values)
         self.rsp_prod_pvt = (self.rsp_prod_pvt + 1) & RING_IDX_MASK
 
     def push(self):

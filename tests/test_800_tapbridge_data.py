@@ -259,6 +259,24 @@ def test_requests_complete_out_of_order(tmp_path, image):
     disk.disk.close()
 
 
+def test_answer_published_while_a_later_request_is_stuck(tmp_path, image):
+    """Responses are published per batch; one worker stuck on the batch's
+    last request does not hold back the answers it already wrote."""
+    shm = ShmDir(tmp_path / "shm", 8)
+    fe = Frontend(shm)
+    disk = WatchedDisk(open_image(image, "raw", readonly=False))
+    started, release = disk.hold(0)
+    with dispatcher_thread(shm, disk, workers=1):
+        fe.req(BLKIF_OP_READ, 1, 8, [(1, 0, 7)])
+        fe.req(BLKIF_OP_READ, 2, 0, [(2, 0, 7)])
+        fe.push()
+        assert started.wait(30)
+        assert fe.get(1) == [(1, BLKIF_OP_READ, OK)]
+        release.set()
+        assert fe.get(1) == [(2, BLKIF_OP_READ, OK)]
+    disk.disk.close()
+
+
 def test_request_copied_once_before_validation(tmp_path, image):
     """The frontend rewrites a request's slot while it is in flight: the
     backend acts on the copy it validated (no double fetch)."""

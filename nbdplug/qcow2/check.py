@@ -13,7 +13,7 @@ import struct
 
 from ..check import CheckReport
 from ..errors import ImageError
-from . import structs as S
+from . import bitmaps, structs as S
 from .header import read_header
 from .mapping import Mapping
 from .refcount import Refcounts, load_table
@@ -78,6 +78,10 @@ def _check(file, geo, path, repair):
         m = Mapping(file, geo, path, snap.l1_table_offset, snap.l1_size)
         _count_l1(m, geo, counter, report, None, file_size)
 
+    for offset, length, what in bitmaps.references(
+            file, geo, bitmaps.read_bitmaps(file, geo, path)):
+        counter.add(offset, length, what)
+
     refs = Refcounts(file, geo, path)
     counter.add(geo.refcount_table_offset, geo.refcount_table_clusters * cs,
                 "refcount table")
@@ -100,7 +104,7 @@ def _check(file, geo, path, repair):
     for c in range(counter.n):
         stored = _stored(refs, c)
         found = counter.refs[c]
-        if found:
+        if found or stored:
             highest = c
         if stored == found:
             continue

@@ -21,7 +21,7 @@ import threading
 from ..disk import Disk, Run
 from ..errors import CorruptImage, UsageError
 from ..layout import be64_bytes
-from . import structs as S
+from . import bitmaps, structs as S
 from .compress import compress, decompress
 from .header import read_header
 from .mapping import COMPRESSED, NORMAL, UNALLOCATED, ZERO, Mapping
@@ -726,6 +726,14 @@ class Qcow2Disk(Disk):
             out["corrupt"] = bool(geo.incompatible_features &
                                   S.INCOMPAT_CORRUPT)
             out["extended-l2"] = self.extended
+        try:
+            found = bitmaps.read_bitmaps(self.file, geo, self.path)
+        except CorruptImage:
+            found = []          # the guest's data is readable without them
+        if found:
+            out["bitmaps"] = [{"flags": b.flags, "name": b.name,
+                               "granularity": b.granularity}
+                              for b in found]
         if self.snapshot is not None:
             out["snapshot"] = self.snapshot.id
         return out

@@ -8,7 +8,7 @@ against the file and against bounds that keep memory small.
 import dataclasses
 
 from ..errors import CorruptImage, UnsupportedFeature
-from . import structs as S
+from . import bitmaps, structs as S
 
 FMT = "qcow2"
 
@@ -35,6 +35,7 @@ class Geometry:
     data_file_name: str
     feature_names: dict
     extensions_end: int         # first byte after the extension area
+    bitmaps: tuple              # (count, directory size, offset) or None
 
     @property
     def cluster_size(self):
@@ -174,7 +175,7 @@ def read_header(file, path):
         header_length=header_length, compression_type=compression,
         backing_name=backing_name, backing_format=exts["backing_format"],
         data_file_name=exts["data_file"], feature_names=feature_names,
-        extensions_end=exts["end"])
+        extensions_end=exts["end"], bitmaps=exts["bitmaps"])
 
     _check_table(path, "L1 table", "l1_table_offset", geo.l1_table_offset,
                  geo.l1_size * 8, S.MAX_L1_BYTES, cluster_size, file_size)
@@ -219,7 +220,7 @@ def _check_table(path, name, field, offset, length, limit, cluster_size,
 def _read_extensions(first, start, path):
     """Walk the header extensions in the first cluster, bounded by it."""
     out = {"backing_format": None, "data_file": None, "feature_names": {},
-           "end": start}
+           "bitmaps": None, "end": start}
     pos = start
     seen = set()
     while True:
@@ -240,7 +241,8 @@ def _read_extensions(first, start, path):
         data = bytes(first[pos:pos + ext.length])
         if ext.type in seen and ext.type in (S.EXT_BACKING_FORMAT,
                                              S.EXT_DATA_FILE,
-                                             S.EXT_FEATURE_NAMES):
+                                             S.EXT_FEATURE_NAMES,
+                                             S.EXT_BITMAPS):
             raise CorruptImage(path, FMT, f"header extension {ext.type:#x} "
                                "appears twice", "header extension")
         seen.add(ext.type)
@@ -248,6 +250,8 @@ def _read_extensions(first, start, path):
             out["backing_format"] = _string(data, path, "backing format")
         elif ext.type == S.EXT_DATA_FILE:
             out["data_file"] = _string(data, path, "data file name")
+        elif ext.type == S.EXT_BITMAPS:
+            out["bitmaps"] = bitmaps.parse_extension(data, path)
         elif ext.type == S.EXT_FEATURE_NAMES:
             for i in range(0, len(data) - S.FEATURE_NAME.size + 1,
                            S.FEATURE_NAME.size):

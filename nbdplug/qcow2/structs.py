@@ -25,6 +25,13 @@ V3_HEADER_LENGTH = 112
 EXTENSION = Layout(">", "qcow2 header extension", "type:I length:I")
 FEATURE_NAME = Layout(">", "qcow2 feature name", "type:B bit:B name:46s")
 
+BITMAPS_EXTENSION = Layout(">", "qcow2 bitmaps extension",
+                           "nb_bitmaps:I reserved:I directory_size:Q "
+                           "directory_offset:Q")
+BITMAP_ENTRY = Layout(">", "qcow2 bitmap directory entry",
+                      "table_offset:Q table_size:I flags:I type:B "
+                      "granularity_bits:B name_size:H extra_data_size:I")
+
 EXT_END = 0x00000000
 EXT_BACKING_FORMAT = 0xE2792ACA
 EXT_FEATURE_NAMES = 0x6803F857

@@ -307,6 +307,32 @@ def _args_convert(p):
     p.add_argument("dst")
 
 
+# --- compare ------------------------------------------------------------
+
+def cmd_compare(args):
+    from .compare import compare
+    outcome = compare(args.image1, args.image2, args.format,
+                      args.format2, strict=args.strict,
+                      share=args.force_share, policy=_policy(args))
+    if not args.quiet:
+        print("\n".join(outcome.messages))
+    return 0 if outcome.identical else 1
+
+
+def _args_compare(p):
+    _add_format(p)
+    p.add_argument("-F", dest="format2", choices=sorted(FORMATS),
+                   metavar="FMT", help="format of the second image")
+    p.add_argument("-s", dest="strict", action="store_true",
+                   help="sizes and allocation must match too")
+    p.add_argument("-q", dest="quiet", action="store_true")
+    p.add_argument("-U", "--force-share", action="store_true",
+                   help="read images another process may be writing")
+    _add_policy(p)
+    p.add_argument("image1")
+    p.add_argument("image2")
+
+
 # --- rm-ram -------------------------------------------------------------
 
 def cmd_rm_ram(args):
@@ -401,6 +427,8 @@ VERBS = [
      "[--readonly | --writable] [--tls-psk FILE | --tls-certs DIR "
      "[--tls-verify-peer]] [--allow ADDR,...] [--limit N] [--foreground]"),
     ("stop", cmd_stop, _args_stop, "stop SOCKET|URI|PIDFILE"),
+    ("compare", cmd_compare, _args_compare,
+     "compare [-f FMT] [-F FMT] [-s] [-q] [-U] IMAGE1 IMAGE2"),
     ("rm-ram", cmd_rm_ram, _args_rm_ram, "rm-ram NAME"),
     ("convert", cmd_convert, _args_convert,
      "convert [-f FMT] -O FMT [-o OPTS] [-c] [-p] [-U] "

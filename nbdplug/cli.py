@@ -333,6 +333,52 @@ def _args_compare(p):
     p.add_argument("image2")
 
 
+# --- rebase -------------------------------------------------------------
+
+def cmd_rebase(args):
+    from .opener import rebase_image
+    rebase_image(args.image, args.format, args.backing, args.backing_format,
+                 unsafe=args.unsafe, policy=_policy(args))
+
+
+def _args_rebase(p):
+    _add_format(p)
+    p.add_argument("-u", dest="unsafe", action="store_true",
+                   help="only rewrite the reference (no data is copied)")
+    p.add_argument("-b", dest="backing", required=True, metavar="BACKING",
+                   help='new backing file ("" for none: flatten)')
+    p.add_argument("-F", dest="backing_format", choices=sorted(FORMATS),
+                   metavar="FMT")
+    _add_policy(p)
+    p.add_argument("image")
+
+
+# --- resize -------------------------------------------------------------
+
+def cmd_resize(args):
+    from .opener import resize_image
+    text = args.size.strip()
+    relative = text[:1] in ("+", "-")
+    size = parse_size(text[1:] if relative else text)
+    resize_image(args.image, -size if text[:1] == "-" else size,
+                 args.format, shrink=args.shrink, relative=relative,
+                 policy=_policy(args))
+    if not args.quiet:
+        print("Image resized.")
+
+
+def _args_resize(p):
+    # "-1G" is a size, not an option (qemu-img takes it so too).
+    p._negative_number_matcher = re.compile(r"^-\d")
+    _add_format(p)
+    p.add_argument("--shrink", action="store_true",
+                   help="allow the image to become smaller")
+    p.add_argument("-q", dest="quiet", action="store_true")
+    _add_policy(p)
+    p.add_argument("image")
+    p.add_argument("size", help="[+|-]SIZE")
+
+
 # --- rm-ram -------------------------------------------------------------
 
 def cmd_rm_ram(args):
@@ -430,6 +476,10 @@ VERBS = [
     ("compare", cmd_compare, _args_compare,
      "compare [-f FMT] [-F FMT] [-s] [-q] [-U] IMAGE1 IMAGE2"),
     ("rm-ram", cmd_rm_ram, _args_rm_ram, "rm-ram NAME"),
+    ("resize", cmd_resize, _args_resize,
+     "resize [-f FMT] [--shrink] [-q] IMAGE [+|-]SIZE"),
+    ("rebase", cmd_rebase, _args_rebase,
+     "rebase [-f FMT] [-u] -b BACKING [-F FMT] IMAGE"),
     ("convert", cmd_convert, _args_convert,
      "convert [-f FMT] -O FMT [-o OPTS] [-c] [-p] [-U] "
      "[-B BACKING [-F FMT]] SRC DST"),

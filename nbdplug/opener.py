@@ -19,6 +19,7 @@ from .qcow import QcowDisk
 from .qcow2 import Qcow2Disk
 from .ram import RamDisk
 from .raw import RawDisk
+from .rebase import copy_differences
 from .vhd import VhdDisk
 from .vhdx import VhdxDisk
 from .vmdk import VmdkDisk
@@ -50,6 +51,7 @@ class OpenContext:
         self.chain = tuple(chain)
         self.file_factory = file_factory
         self.share = share      # qemu's --force-share, for the whole chain
+        self.skip_backing = False   # the top image's backing is not opened
 
     def open_file(self, path, readonly):
         """Open a host file for a driver (honouring O_DIRECT)."""
@@ -63,6 +65,8 @@ class OpenContext:
         `fmt` is the format the referrer records, or None to probe (safe
         here: a backing file is never opened for writing).
         """
+        if self.skip_backing:
+            return None         # rebase -u: the old reference may be stale
         path = self.policy.resolve(referrer, name, referrer_fmt, field)
         if path in self.chain or len(self.chain) >= MAX_CHAIN_DEPTH:
             raise PolicyError(referrer, referrer_fmt,
@@ -138,6 +142,33 @@ def check_image(path, format=None, repair=None, policy=None):
         raise UnsupportedFeature(path, fmt,
                                  "this image format does not support checks")
     return driver.check(path, _context(path, policy), repair)
+
+
+def resize_image(path, size, format=None, shrink=False, relative=False,
+                 policy=None, file_factory=HostFile):
+    """Set the virtual size of the image at `path` to `size` bytes (with
+    `relative`, change it by `size`), like qemu-img resize; returns the
+    new size.  The image is opened (and locked) writable by the opener."""
+    _known(format)
+    path, format = _ram_name(path, format)
+    if not names_a_file(path):
+        raise UsageError(f"{path}: only image files can be resized")
+    check_openable(path)
+    fmt = format or probe(path)
+    # Refused before opening: opening some formats writable writes.
+    if fmt is not None and getattr(FORMATS[fmt], "resize", None) is None:
+        raise UnsupportedFeature(path, fmt, f"resizing {fmt} images is "
+                                 "not supported")
+    with open_image(path, fmt, readonly=False, policy=policy,
+                    file_factory=file_factory) as disk:
+        new = disk.size + size if relative else size
+        if new <= 0:
+            raise UsageError("new image size must be positive")
+        if new < disk.size and not shrink:
+            raise UsageError(f"{path}: use the --shrink option to perform "
+                             "a shrink operation")
+        type(disk).resize(disk, new, shrink)
+    return new
 
 
 def _open(path, fmt, readonly, ctx):
@@ -232,3 +263,45 @@ def create_image(path, fmt, size, options=None, backing=None,
     finally:
         if backing_disk is not None:
             backing_disk.close()
+
+
+def rebase_image(path, fmt=None, backing=None, backing_fmt=None,
+                 unsafe=False, policy=None):
+    """Point the image at `path` at backing file `backing` ("" or None:
+    none), like qemu-img rebase.  Safe mode first copies into the image
+    whatever the old chain supplies that the new chain reads differently;
+    `unsafe` only rewrites the reference (the old chain is not opened).
+    """
+    _known(fmt)
+    _known(backing_fmt)
+    if not names_a_file(path):
+        raise UsageError(f"{path}: only image files can be rebased")
+    backing = backing or None
+    if backing is None and backing_fmt:
+        raise UsageError("-F needs a backing file (-b)")
+    check_openable(path)
+    fmt = fmt or probe(path) or "raw"
+    driver = FORMATS[fmt]
+    if not hasattr(driver, "rebase"):
+        raise UnsupportedFeature(path, fmt, "rebase is not supported for "
+                                 "this image format")
+    # The new chain is opened first, through the policy (roots, loops,
+    # the image itself), so bad input fails before the image is opened.
+    new = None
+    if backing is not None:
+        new = _context(path, policy).open_backing(path, fmt, backing,
+                                                  backing_fmt,
+                                                  "backing file")
+    try:
+        ctx = _context(path, policy)
+        ctx.skip_backing = unsafe
+        with _open(path, fmt, False, ctx) as disk:
+            def copy():
+                copy_differences(disk, new)
+                disk.flush()
+            driver.rebase(disk, backing, backing_fmt or (
+                new.format_name if new is not None else None), new,
+                None if unsafe else copy)
+    finally:
+        if new is not None:
+            new.close()

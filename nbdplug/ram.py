@@ -106,6 +106,7 @@ class RamDisk(RawDisk):
     format_name = FORMAT
     can_multi_conn = True   # nothing cached: every opener sees one memory
     path_for = staticmethod(path_for)       # the opener resolves ram:NAME
+    resize = None           # servers map its fixed size (see resize_image)
 
     def __init__(self, file, size, readonly):
         super().__init__(_Window(file, size), readonly)

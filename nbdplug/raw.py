@@ -8,7 +8,7 @@ to writing zeros; flush is fdatasync.
 import errno
 
 from .disk import Disk, Run
-from .errors import UsageError
+from .errors import UnsupportedFeature, UsageError
 from .hostfile import DIRECT_ALIGN
 
 _UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV)
@@ -44,6 +44,17 @@ class RawDisk(Disk):
                              + ",".join(sorted(options)))
         with open(path, "xb") as f:
             f.truncate(size)
+
+    @classmethod
+    def resize(cls, disk, size, shrink=False):
+        """Grow (sparse) or cut the open image's file (resize_image has
+        checked that a cut was asked for)."""
+        if disk.file.is_block:
+            raise UnsupportedFeature(disk.path, "raw", "is a block device: "
+                                     "its size is the device's own")
+        disk.file.truncate(size)
+        disk.file.flush()
+        disk.size = size
 
     def pwrite(self, buf, offset, fua=False):
         self.check_request(len(buf), offset, write=True)

@@ -2,6 +2,7 @@
 and typed wrappers around the reference tools (qemu-img, qemu-io)."""
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -31,6 +32,16 @@ def nbdplug(*args, check=True, **kw):
 
 class ContentMismatch(AssertionError):
     pass
+
+
+def qemu_img_check_clean(image):
+    """Assert `qemu-img check` finds no corruption, leak or error."""
+    proc = run(["qemu-img", "check", "--output=json", str(image)],
+               check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout)
+    for key in ("corruptions", "leaks", "check-errors"):
+        assert report.get(key, 0) == 0, (key, report)
 
 
 def qemu_img_compare(a, b, fmt_a=None, fmt_b=None):

@@ -134,6 +134,22 @@ class Qcow2Disk(Disk):
         from .check import check
         return check(path, ctx, repair)
 
+    @classmethod
+    def resize(cls, disk, size, shrink=False):
+        from .resize import resize
+        resize(disk, size, shrink)
+
+    @classmethod
+    def rebase(cls, disk, backing, backing_fmt, new=None, copy=None):
+        """Record `backing` (None: none) of `backing_fmt` in the header of
+        `disk`, opened writable; `copy` (safe rebase's data step) runs
+        once the new reference is known to fit, before it is written.
+        `new`, the new backing Disk, is not needed here."""
+        from .rebase import rewrite_backing
+        disk.check_writable()
+        rewrite_backing(disk.file, disk.path, backing, backing_fmt, copy)
+        disk.backing_name = backing
+
     # --- mapping walk ----------------------------------------------------
 
     def _runs(self, offset, length):

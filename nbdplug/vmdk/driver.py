@@ -177,6 +177,8 @@ class VmdkDisk(Disk):
             return
         parent = ctx.open_backing(self.path, FMT, desc.parent_hint, FMT,
                                   "parentFileNameHint")
+        if parent is None:
+            return              # not opened (rebase -u)
         self.backing = parent
         if parent.cid != desc.parent_cid:
             found = "unset" if parent.cid is None else f"{parent.cid:x}"
@@ -192,6 +194,33 @@ class VmdkDisk(Disk):
     @classmethod
     def create(cls, path, size, options, backing=None, backing_fmt=None):
         _create.create(path, size, options, backing, backing_fmt)
+
+    @classmethod
+    def rebase(cls, disk, backing, backing_fmt, new=None, copy=None):
+        """Name `backing` (None: none), the VMDK Disk `new`, as the parent
+        of `disk` (opened writable), with its CID; `copy` (safe rebase's
+        data step) runs once the new descriptor is known to be valid."""
+        from .rebase import new_descriptor, parent_cid_of
+        disk.check_writable()
+        if backing_fmt not in (None, FMT):
+            raise UnsupportedFeature(disk.path, FMT, "a VMDK parent must "
+                                     f"be a VMDK image, not {backing_fmt}",
+                                     "parentFileNameHint")
+        cid = parent_cid_of(new, disk.path)
+        # An embedded descriptor has a fixed region in the sparse file.
+        first = disk.extents[0]
+        room = first.geo.descriptor[1] if isinstance(first, SparseExtent) \
+            and first.path == disk.path else None
+
+        def text():
+            return new_descriptor(disk._desc_file, disk._desc_base, room,
+                                  disk.path, backing, cid)
+        text()
+        if copy is not None:
+            copy()
+        disk._desc_file.pwrite(text(), disk._desc_base)
+        disk._desc_file.flush()
+        disk.backing_name = backing
 
     # --- the guest's view ---------------------------------------------------
 

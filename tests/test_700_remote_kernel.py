@@ -41,6 +41,16 @@ def make_fs(tmp_path):
     return image, blob, mnt
 
 
+def assert_mounts_with_files(dev, mnt, blob):
+    """The filesystem make_fs wrote mounts from `dev` and reads back."""
+    run(["mount", "-o", "ro,noload", dev, mnt])
+    try:
+        assert (mnt / "etc" / "hostname").read_text() == "guest\n"
+        assert (mnt / "blob.bin").read_bytes() == blob
+    finally:
+        run(["umount", mnt])
+
+
 def test_kernel_nbd_client_over_tls(tmp_path):
     image, blob, mnt = make_fs(tmp_path)
     with TwoHosts() as hosts:
@@ -60,12 +70,7 @@ def test_kernel_nbd_client_over_tls(tmp_path):
                 "-certfile", pki.client / "client-cert.pem",
                 "-keyfile", pki.client / "client-key.pem",
                 "-cacertfile", pki.client / "ca-cert.pem"])
-            run(["mount", "-o", "ro,noload", dev, mnt])
-            try:
-                assert (mnt / "etc" / "hostname").read_text() == "guest\n"
-                assert (mnt / "blob.bin").read_bytes() == blob
-            finally:
-                run(["umount", mnt])
+            assert_mounts_with_files(dev, mnt, blob)
         finally:
             run(["nbd-client", "-d", dev], check=False)
             server.stop(str(pidfile))
@@ -91,12 +96,7 @@ def test_nbdplug_attach_remote_uri(tmp_path):
             dev = out.split()[0]
             assert dev.startswith("/dev/nbd"), out
             # Mounted here: `ip netns exec` has a mount namespace of its own.
-            run(["mount", "-o", "ro,noload", dev, mnt])
-            try:
-                assert (mnt / "etc" / "hostname").read_text() == "guest\n"
-                assert (mnt / "blob.bin").read_bytes() == blob
-            finally:
-                run(["umount", mnt])
+            assert_mounts_with_files(dev, mnt, blob)
             listed = hosts.client.run(HOTPLUG + ["list"], cwd=REPO,
                                       env=env).stdout
             assert uri in listed and dev in listed, listed

@@ -427,10 +427,3 @@ def test_vmdk_refusals(tmp_path):
     assert_refused(["-u", "-b", 'p".vmdk', child], child, "p\"")
     assert_refused(["-u", "-b", "c.vmdk", child], child, "image itself")
 
-
-def test_vpc_refused(tmp_path):
-    parent = tmp_path / "p.vhd"
-    run(["qemu-img", "create", "-q", "-f", "vpc", str(parent), "4M"])
-    child = tmp_path / "c.vhd"
-    shutil.copy(parent, child)
-    assert_refused(["-u", "-b", "p.vhd", child], child, "not supported")

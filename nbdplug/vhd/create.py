@@ -67,17 +67,17 @@ def _new_footer(size, disk_type):
                   disk_type=disk_type, checksum=0,
                   unique_id=uuid.uuid4().bytes, saved_state=0,
                   reserved=bytes(427))
-    return _with_checksum(FOOTER, fields)
+    return with_checksum(FOOTER, fields)
 
 
-def _with_checksum(layout, fields):
+def with_checksum(layout, fields):
     raw = bytearray(layout.pack(**fields))
     struct.pack_into(">I", raw, layout.offset("checksum"),
                      checksum(raw, layout.offset("checksum")))
     return bytes(raw)
 
 
-def _parent_facts(path, backing):
+def parent_facts(path, backing):
     """What a differencing child records of its parent (already vetted
     by the open policy): unique id, size, time stamp and locators."""
     child_dir = os.path.dirname(os.path.abspath(path))
@@ -88,18 +88,27 @@ def _parent_facts(path, backing):
         mtime = int(os.fstat(file.fd).st_mtime)
     finally:
         file.close()
-    if len(backing) > 255:
-        raise UsageError(f"parent name {backing!r} is longer than the 255 "
-                         "characters a VHD records")
     relative = os.path.relpath(parent, child_dir)
-    locators = [
-        (W2RU, (".\\" + relative.replace("/", "\\")).encode("utf-16-le")),
-        (W2KU, parent.replace("/", "\\").encode("utf-16-le")),
-        (MACX, ("file://" + urllib.parse.quote(parent)).encode("utf-8")),
-    ]
+    try:
+        unicode_name = backing.encode("utf-16-be")
+        locators = [
+            (W2RU, (".\\" + relative.replace("/", "\\")).encode(
+                "utf-16-le")),
+            (W2KU, parent.replace("/", "\\").encode("utf-16-le")),
+            (MACX, ("file://" + urllib.parse.quote(parent)).encode("utf-8")),
+        ]
+    except UnicodeEncodeError:
+        # (Names not valid in UTF-8 reach us as lone surrogates.)
+        raise UsageError(f"parent name {backing!r} cannot be written in "
+                         "UTF-16") from None
+    # 512 bytes, one UTF-16 unit kept for the terminating NUL.
+    if len(unicode_name) > 510:
+        raise UsageError(f"parent name {backing!r} is longer than the 255 "
+                         "UTF-16 characters a VHD records")
     return {"size": geom.size, "unique_id": geom.unique_id,
             "time_stamp": max(0, mtime - VHD_EPOCH) & 0xFFFFFFFF,
-            "name": backing, "locators": locators}
+            "name": backing, "unicode_name": unicode_name,
+            "locators": locators}
 
 
 def _dynamic_layout(size, block_size, footer, parent):
@@ -128,11 +137,10 @@ def _dynamic_layout(size, block_size, footer, parent):
     if parent:
         header.update(parent_unique_id=parent["unique_id"],
                       parent_time_stamp=parent["time_stamp"],
-                      parent_unicode_name=parent["name"].encode(
-                          "utf-16-be"))
+                      parent_unicode_name=parent["unicode_name"])
     bat = b"\xff" * (4 * entries)
     bat += b"\xff" * (round_up(len(bat), SECTOR) - len(bat))
-    return b"".join([footer, _with_checksum(DYNAMIC_HEADER, header),
+    return b"".join([footer, with_checksum(DYNAMIC_HEADER, header),
                      bytes(locator_data), bat, footer])
 
 
@@ -157,7 +165,7 @@ def create(path, size, options, backing=None, backing_fmt=None):
         if backing_fmt not in (None, FMT):
             raise UsageError(f"the parent of a differencing VHD must be "
                              f"a VHD, not {backing_fmt}")
-        parent = _parent_facts(path, backing)
+        parent = parent_facts(path, backing)
         if size != parent["size"]:
             raise UsageError(f"size {size} differs from the parent's "
                              f"{parent['size']}")

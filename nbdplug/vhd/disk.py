@@ -10,6 +10,7 @@ from .bitmaps import bit_runs, bits_of, raw_bitmap, span_bits
 from .create import create
 from .header import block_problems, locator_name, read_bat, validate
 from .layers import add_run, map_runs, open_parent, read_runs
+from .rebase import rebase
 from .structs import (BAT_ENTRY, BITMAP_CACHE, COOKIE, DIFFERENCING, DYNAMIC,
                       FIXED, FMT, GRAIN, LOCATOR_CODES, MiB, PAGE, SECTOR,
                       SUBFORMATS, UNUSED, round_up)
@@ -79,15 +80,26 @@ class VhdDisk(Disk):
                                      field)
                 if name:
                     candidates.append((name, field))
+        # A rebase that stopped after writing new locators: the parent
+        # its (old) header names, by the name that header records.
+        fallback = [(self.geom.parent_name, "parent unicode name")] \
+            if self.geom.parent_name else []
         self.backing, name = open_parent(
             self, ctx, candidates,
             lambda p: p.unique_id == self.geom.parent_unique_id,
-            "unique id")
+            "unique id", fallback)
         self.backing_name = self.geom.parent_name or name
 
     @classmethod
     def create(cls, path, size, options, backing=None, backing_fmt=None):
         create(path, size, options, backing, backing_fmt)
+
+    @classmethod
+    def rebase(cls, disk, backing, backing_fmt, new=None, copy=None):
+        """Name `backing` (None: none), the VHD Disk `new`, as the parent
+        of `disk` (opened writable); `copy` (safe rebase's data step) runs
+        once the new header is known to be valid and to fit."""
+        rebase(disk, backing, backing_fmt, new, copy)
 
     def _bitmap(self, block, entry):
         """The block's sector bitmap (bitmaps.bits_of)."""

@@ -8,10 +8,16 @@ from ..disk import Run
 from ..errors import CorruptImage, ImageError
 
 
-def open_parent(disk, ctx, candidates, is_parent, identity):
+def open_parent(disk, ctx, candidates, is_parent, identity, fallback=()):
     """Open the first of `candidates` [(name, field)] that is the parent
-    (same size, `is_parent(parent)`); else raise the first refusal."""
-    errors = []
+    (same size, `is_parent(parent)`); else raise the first refusal.
+    `fallback` candidates are tried only when a candidate opened but was
+    another disk: locators rewritten by a rebase that stopped before the
+    header that names the new parent's identity."""
+    if ctx.skip_backing:
+        # rebase -u: the old parent is not opened (it may be gone).
+        return None, candidates[0][0] if candidates else None
+    errors, other_disk = [], False
     for name, field in candidates:
         try:
             parent = ctx.open_backing(disk.path, disk.format_name, name,
@@ -23,9 +29,15 @@ def open_parent(disk, ctx, candidates, is_parent, identity):
             return parent, name
         what = identity if parent.size == disk.size else "size"
         parent.close()
+        other_disk = True
         errors.append(CorruptImage(disk.path, disk.format_name,
                                    f"{name!r} is not the parent: its {what} "
                                    "differs", field))
+    if other_disk and fallback:
+        try:
+            return open_parent(disk, ctx, fallback, is_parent, identity)
+        except ImageError:
+            pass            # the first refusal says more
     if errors:
         raise errors[0]
     raise CorruptImage(disk.path, disk.format_name, "differencing disk has "

@@ -277,6 +277,20 @@ class Refcounts:
             start = stop
         return out
 
+    def alloc_run(self, n):
+        """`n` adjacent new clusters past the allocated end (refcount 1,
+        written, not flushed), for a table that must be contiguous;
+        returns the first.  Refcount blocks they need land after them."""
+        first = self.end
+        while True:
+            used = [c for c in range(first, first + n) if self.get(c)]
+            if not used:
+                break
+            first = used[-1] + 1    # a leak past the end: step over it
+        self.end = first + n
+        self.set_range(first, n, 1)
+        return first
+
     def claim(self, cluster):
         """Take `cluster` (refcount 1) if it is free; False if not."""
         index = cluster // self.per_block

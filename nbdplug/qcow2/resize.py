@@ -49,7 +49,7 @@ def resize(disk, size, shrink=False):
                 disk.file.pwrite(bytes(8 * (l1_size - old_l1_size)),
                                  l1_offset + 8 * old_l1_size)
             else:
-                first = _alloc_contiguous(disk.refs, clusters)
+                first = disk.refs.alloc_run(clusters)
                 l1_offset = first << disk.cluster_bits
                 table = be64_bytes(m.l1)
                 disk.file.pwrite(table + bytes(clusters * cs - len(table)),
@@ -93,21 +93,6 @@ def _refuse(disk):
         raise UnsupportedFeature(path, FMT, "images with persistent "
                                  "bitmaps cannot be resized",
                                  "bitmaps extension")
-
-
-def _alloc_contiguous(refs, n):
-    """`n` adjacent new clusters past the allocated end (refcount 1,
-    written, not flushed); returns the first.  Refcount blocks they need
-    land after them."""
-    first = refs.end
-    while True:
-        used = [c for c in range(first, first + n) if refs.get(c)]
-        if not used:
-            break
-        first = used[-1] + 1        # a leak past the end: step over it
-    refs.end = first + n
-    refs.set_range(first, n, 1)
-    return first
 
 
 def _zero_tail(disk, old, size):

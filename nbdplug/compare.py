@@ -44,7 +44,7 @@ def compare(path1, path2, fmt1=None, fmt2=None, strict=False, share=False,
                         f"Strict mode: Offset {at} block status mismatch!"])
             if _all_zero(runs_a) and _all_zero(runs_b):
                 continue
-            at = _first_difference(_read(a, n, off), _read(b, n, off))
+            at = _first_difference(a.read(n, off), b.read(n, off))
             if at is not None:
                 return _mismatch(messages, off + at)
         if a.size != b.size:
@@ -54,7 +54,7 @@ def compare(path1, path2, fmt1=None, fmt2=None, strict=False, share=False,
             n = min(WINDOW, longer.size - off)
             if _all_zero(longer.map(n, off)):
                 continue
-            at = _first_difference(_read(longer, n, off), _ZEROS[:n])
+            at = _first_difference(longer.read(n, off), _ZEROS[:n])
             if at is not None:
                 return _mismatch(messages, off + at)
         return Outcome(True, messages + ["Images are identical."])
@@ -67,14 +67,6 @@ def _mismatch(messages, offset):
 
 def _all_zero(runs):
     return all(r.zero for r in runs)
-
-
-def _read(disk, n, off):
-    buf = bytearray(n)
-    view = memoryview(buf)
-    for pos in range(0, n, disk.max_block):
-        disk.pread(view[pos:pos + disk.max_block], off + pos)
-    return view
 
 
 def _first_difference(x, y):

@@ -134,12 +134,7 @@ def _read_window(src, offset, length, keep_backing):
         if action != COPY:
             out.append((start, n, action, None))
             continue
-        buf = bytearray(n)
-        view = memoryview(buf)
-        step = src.max_block
-        for pos in range(0, n, step):
-            src.pread(view[pos:pos + step], start + pos)
-        out.append((start, n, action, buf))
+        out.append((start, n, action, src.read(n, start)))
     return out
 
 

@@ -84,6 +84,15 @@ class Disk:
         """Fill the writable memoryview `buf` from guest `offset`."""
         raise NotImplementedError
 
+    def read(self, count, offset):
+        """`count` bytes from guest `offset` as a memoryview over a new
+        bytearray, read in requests of at most max_block (a remote
+        server's limit)."""
+        view = memoryview(bytearray(count))
+        for pos in range(0, count, self.max_block):
+            self.pread(view[pos:pos + self.max_block], offset + pos)
+        return view
+
     def pwrite(self, buf, offset, fua=False):
         raise NotImplementedError
 

@@ -91,6 +91,17 @@ def assert_refused(args, image, match, tmp_path=None):
     return lines[0]
 
 
+def assert_rebased(image, backing, before, tmp_path):
+    """qemu-img sees the new qcow2 backing file, checks the image clean,
+    and qemu-img and we read the guest bytes of `before`."""
+    info = qemu_info(image)
+    assert info["backing-filename"] == backing
+    assert info["backing-filename-format"] == "qcow2"
+    qemu_img_check_clean(image)
+    assert qemu_raw(image, tmp_path, "after.raw") == before
+    assert our_raw(image) == before
+
+
 # --- unsafe -----------------------------------------------------------------
 
 @pytest.mark.parametrize("fmt_arg", [None, "raw", "qcow2"])
@@ -132,12 +143,7 @@ def test_unsafe_after_moving_the_parent(tmp_path):
     # The old parent is gone: unsafe mode must not need it.
     nbdplug("rebase", "-u", "-b", "b/parent.qcow2", "-F", "qcow2", child)
 
-    info = qemu_info(child)
-    assert info["backing-filename"] == "b/parent.qcow2"
-    assert info["backing-filename-format"] == "qcow2"
-    qemu_img_check_clean(child)
-    assert qemu_raw(child, tmp_path, "after.raw") == before
-    assert our_raw(child) == before
+    assert_rebased(child, "b/parent.qcow2", before, tmp_path)
     with served(str(child), "qcow2", readonly=True) as srv:
         h = srv.connect()
         assert h.pread(2 * MiB, 0) == before[:2 * MiB]
@@ -188,12 +194,7 @@ def test_safe_rebase_keeps_guest_bytes(tmp_path, cs, compat):
 
     nbdplug("rebase", "-b", "other.qcow2", top)
 
-    info = qemu_info(top)
-    assert info["backing-filename"] == "other.qcow2"
-    assert info["backing-filename-format"] == "qcow2"
-    qemu_img_check_clean(top)
-    assert qemu_raw(top, tmp_path, "after.raw") == before
-    assert our_raw(top) == before
+    assert_rebased(top, "other.qcow2", before, tmp_path)
     # qemu-img rebase on the same inputs: the same guest bytes.
     run(["qemu-img", "rebase", "-b", "other.qcow2", "-F", "qcow2",
          str(theirs)])

@@ -12,7 +12,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from nbdplug import server  # noqa: E402
+from nbdplug.serve import nbdkit as server  # noqa: E402
 
 MiB, GiB = 1 << 20, 1 << 30
 LONG = os.environ.get("BENCH_LONG") == "1"

@@ -26,7 +26,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from nbdplug import server  # noqa: E402
+from nbdplug.serve import nbdkit as server  # noqa: E402
 
 MiB = 1 << 20
 SIZE = 256 * MiB

@@ -14,7 +14,7 @@ import os
 import subprocess
 import time
 
-from nbdplug import server
+from nbdplug.serve import nbdkit as server
 from nbdplug.errors import UsageError
 from nbdplug.opener import names_a_file, open_image
 

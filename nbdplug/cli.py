@@ -12,8 +12,8 @@ import os
 import re
 import sys
 
-from . import exports, server
-from .check import EXIT_UNSUPPORTED
+from .serve import exports, nbdkit as server
+from .report import EXIT_UNSUPPORTED
 from .errors import ImageError, UnsupportedFeature, UsageError
 from .opener import FORMATS, check_image, create_image, open_image
 from .policy import OpenPolicy
@@ -274,7 +274,7 @@ def cmd_stop(args):
 # --- convert ----------------------------------------------------------
 
 def cmd_convert(args):
-    from .convert import convert    # keeps tqdm off every other verb
+    from .ops.convert import convert  # keeps tqdm off every other verb
     convert(args.src, args.dst, args.out_format, src_fmt=args.format,
             options=parse_options(args.options), compress=args.compress,
             backing=args.backing, backing_fmt=args.backing_format,
@@ -310,7 +310,7 @@ def _args_convert(p):
 # --- compare ------------------------------------------------------------
 
 def cmd_compare(args):
-    from .compare import compare
+    from .ops.compare import compare
     outcome = compare(args.image1, args.image2, args.format,
                       args.format2, strict=args.strict,
                       share=args.force_share, policy=_policy(args))
@@ -382,7 +382,7 @@ def _args_resize(p):
 # --- rm-ram -------------------------------------------------------------
 
 def cmd_rm_ram(args):
-    from .ram import remove
+    from .formats.ram import remove
     remove(args.name)
 
 

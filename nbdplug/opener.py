@@ -11,28 +11,12 @@ import os
 import stat
 
 from . import policy as _policy
-from . import ram, remote
+from .formats import ram, nbd as remote
 from .locking import ImageLock
 from .errors import ImageError, PolicyError, UnsupportedFeature, UsageError
 from .hostfile import HostFile
-from .qcow import QcowDisk
-from .qcow2 import Qcow2Disk
-from .ram import RamDisk
-from .raw import RawDisk
-from .rebase import copy_differences
-from .vhd import VhdDisk
-from .vhdx import VhdxDisk
-from .vmdk import VmdkDisk
-
-FORMATS = {
-    "raw": RawDisk,
-    "qcow2": Qcow2Disk,
-    "qcow": QcowDisk,
-    "vmdk": VmdkDisk,
-    "vpc": VhdDisk,
-    "vhdx": VhdxDisk,
-    "ram": RamDisk,
-}
+from .formats import FORMATS
+from .ops.rebase import copy_differences
 
 # A chain deeper than this is refused (and loops are caught earlier).
 MAX_CHAIN_DEPTH = 64

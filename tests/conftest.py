@@ -9,7 +9,7 @@ import sys
 import tempfile
 
 
-from nbdplug import server
+from nbdplug.serve import nbdkit as server
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NBDPLUG = [sys.executable, "-m", "nbdplug.cli"]

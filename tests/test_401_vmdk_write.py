@@ -13,9 +13,10 @@ import nbd
 import pytest
 
 from conftest import nbdplug, run, served
-from nbdplug import ReadOnlyDisk, open_image, server
-from nbdplug.vmdk import create as vmdk_create
-from nbdplug.vmdk.structs import SPARSE_HEADER
+from nbdplug import ReadOnlyDisk, open_image
+from nbdplug.serve import nbdkit as server
+from nbdplug.formats.vmdk import create as vmdk_create
+from nbdplug.formats.vmdk.structs import SPARSE_HEADER
 from test_400_vmdk_read import (SUBFORMATS, assert_map_like_qemu, qemu_raw,
                                 qemu_vmdk, random_raw)
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import run
 from hostile import assert_rejected
 from nbdplug import CorruptImage, open_image
-from nbdplug.vmdk.structs import GRAIN_MARKER, SPARSE_HEADER
+from nbdplug.formats.vmdk.structs import GRAIN_MARKER, SPARSE_HEADER
 from test_400_vmdk_read import qemu_vmdk, random_raw, vmware_stream
 
 MiB = 1 << 20

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import nbdplug, run
 from nbdplug import CorruptImage, UnsupportedFeature, open_image
-from nbdplug.vmdk import descriptor
+from nbdplug.formats.vmdk import descriptor
 from test_300_cli import assert_one_line_error
 from test_400_vmdk_read import SUBFORMATS, qemu_io, qemu_vmdk
 

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import qemu_img_compare, run, served
 from nbdplug import open_image
-from nbdplug.vhd import structs as vhd
+from nbdplug.formats.vhd import structs as vhd
 
 MiB = 1 << 20
 # Writes that leave blocks empty, partial and full, and one that ends at

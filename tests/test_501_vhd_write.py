@@ -13,7 +13,7 @@ import pytest
 
 from conftest import nbdplug, run, served
 from nbdplug import ImageError, open_image
-from nbdplug.vhd import structs as vhd
+from nbdplug.formats.vhd import structs as vhd
 from test_300_cli import assert_one_line_error
 from test_500_vhd import (header_of, qemu_raw, qemu_vhd, read_all,
                           set_bat)

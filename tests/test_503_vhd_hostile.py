@@ -123,7 +123,7 @@ def test_fixed_disk_shorter_than_its_size(tmp_path):
 def _locator(path, index, **fields):
     hdr = header_of(path)
     entries = bytearray(hdr.parent_locator_entries)
-    from nbdplug.vhd import structs as vhd
+    from nbdplug.formats.vhd import structs as vhd
     loc = vhd.PARENT_LOCATOR.unpack_from(entries, 24 * index)
     vhd.PARENT_LOCATOR.pack_into(entries, 24 * index,
                                  loc._replace(**fields))

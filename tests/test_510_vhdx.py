@@ -13,7 +13,7 @@ import pytest
 
 from conftest import nbdplug, run, served
 from nbdplug import ImageError, open_image
-from nbdplug.vhdx_log import crc32c
+from nbdplug.formats.vhdx.log import crc32c
 from test_300_cli import assert_one_line_error
 from test_500_vhd import assert_served_equals, qemu_raw, read_all
 

@@ -7,7 +7,7 @@ import struct
 import pytest
 
 from hostile import assert_rejected
-from nbdplug.qcow import HEADER, QCOW_MAGIC
+from nbdplug.formats.qcow import HEADER, QCOW_MAGIC
 
 MiB = 1 << 20
 

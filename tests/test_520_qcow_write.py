@@ -14,7 +14,7 @@ import pytest
 from conftest import nbdplug, qemu_img_compare, run, served
 from nbdplug import CorruptImage, open_image
 from nbdplug.opener import check_image
-from nbdplug.qcow import HEADER
+from nbdplug.formats.qcow import HEADER
 from test_520_qcow_read import compressible, qemu_raw
 
 MiB = 1 << 20

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import nbdplug, run, served
 from nbdplug import open_image
-from nbdplug.ram import DATA_OFFSET, RAM_DIR, RamDisk
+from nbdplug.formats.ram import DATA_OFFSET, RAM_DIR, RamDisk
 from tapbridge.abi import BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_RSP_OKAY
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "tapbridge"))

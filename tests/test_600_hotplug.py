@@ -22,7 +22,7 @@ import pytest
 
 import hotplug.cli
 from conftest import REPO, nbdplug, run, served
-from nbdplug import ram
+from nbdplug.formats import ram
 
 MiB = 1 << 20
 HOTPLUG = [sys.executable, "-m", "hotplug.cli"]

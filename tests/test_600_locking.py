@@ -8,7 +8,8 @@ import signal
 import pytest
 
 from conftest import nbdplug, run, served
-from nbdplug import ImageError, open_image, server
+from nbdplug import ImageError, open_image
+from nbdplug.serve import nbdkit as server
 
 MiB = 1 << 20
 

@@ -18,7 +18,7 @@ from crashsim import Recorder, crash_states, write_state
 from nbdplug import check_image, open_image
 from nbdplug.errors import UnsupportedFeature
 from nbdplug.opener import resize_image
-from nbdplug.raw import RawDisk
+from nbdplug.formats.raw import RawDisk
 from test_310_qcow2_read import qemu_io
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30

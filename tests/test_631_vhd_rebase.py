@@ -13,7 +13,7 @@ import pyvhdi
 import pytest
 
 from conftest import nbdplug
-from nbdplug.vhd import structs as vhd
+from nbdplug.formats.vhd import structs as vhd
 from test_500_vhd import (header_of, patch_header, qemu_raw, qemu_vhd,
                           read_all)
 import test_501_vhd_write

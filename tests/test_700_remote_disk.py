@@ -1,4 +1,4 @@
-"""A remote export as a Disk (nbdplug.remote over libnbd): bytes, holes
+"""A remote export as a Disk (nbdplug.formats.nbd over libnbd): bytes, holes
 and errors against the file behind a real nbdkit serving our plugin."""
 
 import os

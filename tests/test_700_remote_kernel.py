@@ -10,7 +10,7 @@ import pytest
 
 from conftest import NBDPLUG, REPO, run
 from netns import TwoHosts
-from nbdplug import server
+from nbdplug.serve import nbdkit as server
 from test_600_hotplug import HOTPLUG
 from test_700_remote_serve import make_pki, psk_uri
 

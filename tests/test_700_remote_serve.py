@@ -17,7 +17,7 @@ import pytest
 
 from conftest import NBDPLUG, REPO, qemu_img_compare, run
 from netns import TwoHosts
-from nbdplug import server
+from nbdplug.serve import nbdkit as server
 from test_100_raw_driver import pattern
 
 MiB = 1 << 20

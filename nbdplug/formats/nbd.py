@@ -1,0 +1,258 @@
+"""A remote NBD export as a Disk, over libnbd (Debian's python3-libnbd).
+
+    nbd://HOST[:PORT]/NAME              nbd+unix:///NAME?socket=PATH
+    nbds://[USER@]HOST[:PORT]/NAME?tls-psk-file=KEYS
+    nbds://HOST[:PORT]/NAME?tls-certificates=DIR
+
+URIs follow the NBD URI specification as libnbd reads them, so the TLS
+query parameters are those nbdinfo and nbdcopy take; open_image() also
+takes them as options.  The export is a raw disk to us (the server
+interprets the image format).  libnbd handles are thread-safe, so one
+handle serves every thread; it runs one command at a time.
+
+A URI is trusted like a command-line path (it may name local key files):
+it comes from the person running us, never from inside an image.
+"""
+
+import errno
+import socket
+import urllib.parse
+
+from nbdplug.disk import HOLE, ZERO, Disk, MiB, Run
+from nbdplug.errors import CorruptImage, ImageError, ReadOnlyDisk, UsageError
+
+SCHEMES = ("nbd://", "nbds://", "nbd+unix://", "nbds+unix://")
+
+# libnbd refuses reads and writes over 64 MiB; servers may take less.
+MAX_REQUEST = 32 * MiB
+# Block status, trim and zero lengths are 32-bit on the wire.
+MAX_RANGE = 1 << 30
+
+# open_image options, named as the URI query parameters.
+OPTIONS = ("tls-certificates", "tls-psk-file", "tls-username")
+
+
+def is_uri(path):
+    return isinstance(path, str) and path.startswith(SCHEMES)
+
+
+class NbdDisk(Disk):
+    format_name = "raw"
+
+    def __init__(self, uri, handle, readonly):
+        super().__init__(uri, handle.get_size(), readonly)
+        nbd = _nbd()
+        self._h = handle
+        self.can_trim = handle.can_trim()
+        self.can_zero = True            # emulated with writes if need be
+        self.can_multi_conn = handle.can_multi_conn()
+        self._fua = handle.can_fua()
+        self._flush = handle.can_flush()
+        self._zero = handle.can_zero()
+        self._status = handle.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+        sizes = [handle.get_block_size(k) for k in (
+            nbd.SIZE_MINIMUM, nbd.SIZE_PREFERRED, nbd.SIZE_MAXIMUM)]
+        self.min_block = sizes[0] or 1
+        self.preferred_block = sizes[1] or self.preferred_block
+        self.max_block = min(sizes[2] or MAX_REQUEST, MAX_REQUEST)
+        self._tls = handle.get_tls_negotiated()
+
+    @classmethod
+    def open(cls, uri, fmt=None, readonly=True, options=None):
+        if fmt not in (None, "raw"):
+            raise UsageError(f"{uri}: an NBD export is read as raw (the "
+                             f"server opens its image format), not {fmt}")
+        options = dict(options or {})
+        unknown = set(options) - set(OPTIONS)
+        if unknown:
+            raise UsageError(f"{uri}: unknown options " + ", ".join(
+                sorted(unknown)) + " (known: " + ", ".join(OPTIONS) + ")")
+        nbd = _nbd()
+        h = nbd.NBD()
+        try:
+            h.set_uri_allow_local_file(True)    # tls-psk-file=, socket=
+            h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+            if "tls-certificates" in options:
+                h.set_tls_certificates(options["tls-certificates"])
+            if "tls-psk-file" in options:
+                h.set_tls_psk_file(options["tls-psk-file"])
+            if "tls-username" in options:
+                h.set_tls_username(options["tls-username"])
+            _connect(h, uri, options)
+        except nbd.Error as e:
+            raise ImageError(uri, "nbd", _reason(e)) from None
+        except OSError as e:
+            raise ImageError(uri, "nbd", e.strerror or str(e)) from None
+        if not readonly and h.is_read_only():
+            _disconnect(h)
+            raise ReadOnlyDisk(uri, "nbd", "the server offers this export "
+                               "read-only")
+        return cls(uri, h, readonly)
+
+    # --- data ---------------------------------------------------------
+
+    def pread(self, buf, offset):
+        view = memoryview(buf).cast("B")
+        for pos, n in _chunks(len(view), offset, self.max_block):
+            start = pos - offset
+            view[start:start + n] = self._call("read", pos, self._h.pread,
+                                               n, pos)
+
+    def pwrite(self, buf, offset, fua=False):
+        self.check_writable()
+        view = memoryview(buf).cast("B")
+        for pos, n in _chunks(len(view), offset, self.max_block):
+            start = pos - offset
+            self._call("write", pos, self._h.pwrite, view[start:start + n],
+                       pos, self._fua_flag(fua))
+        self._emulate_fua(fua)
+
+    def flush(self):
+        if self._flush:
+            self._call("flush", 0, self._h.flush)
+
+    def trim(self, count, offset, fua=False):
+        self.check_writable()
+        if not self.can_trim:
+            return                      # trim is advisory
+        for pos, n in _chunks(count, offset, MAX_RANGE):
+            self._call("trim", pos, self._h.trim, n, pos,
+                       self._fua_flag(fua))
+        self._emulate_fua(fua)
+
+    def zero(self, count, offset, may_trim=False, fua=False):
+        self.check_writable()
+        if not self._zero:
+            zeros = memoryview(bytes(min(count, self.max_block)))
+            for pos, n in _chunks(count, offset, len(zeros)):
+                self.pwrite(zeros[:n], pos, fua)
+            return
+        flags = (0 if may_trim else _nbd().CMD_FLAG_NO_HOLE) | \
+            self._fua_flag(fua)
+        for pos, n in _chunks(count, offset, MAX_RANGE):
+            self._call("zero", pos, self._h.zero, n, pos, flags)
+        self._emulate_fua(fua)
+
+    def _fua_flag(self, fua):
+        return _nbd().CMD_FLAG_FUA if fua and self._fua else 0
+
+    def _emulate_fua(self, fua):
+        """A server without FUA: flush after the request instead."""
+        if fua and not self._fua:
+            self.flush()
+
+    # --- allocation ---------------------------------------------------
+
+    def map(self, count, offset):
+        """Runs from the server's base:allocation block status (all data
+        when it has none).  Every byte is present in this one layer."""
+        if not self._status:
+            return [Run(offset, count, True, False, True, 0, None)]
+        context = _nbd().CONTEXT_BASE_ALLOCATION
+        runs = []
+        pos, end = offset, offset + count
+        while pos < end:
+            replies = []
+
+            def extent(metacontext, start, entries, err):
+                if metacontext == context:
+                    replies.append(entries)
+                return 0
+
+            self._call("block status", pos, self._h.block_status,
+                       min(end - pos, MAX_RANGE), pos, extent)
+            before = pos
+            # Only the first reply counts; a server's lengths are clipped
+            # to what was asked, and a reply must make progress.
+            entries = replies[0] if replies else []
+            for i in range(0, len(entries) - 1, 2):
+                length, flags = min(entries[i], end - pos), entries[i + 1]
+                if length <= 0:
+                    break
+                runs.append(Run(pos, length, True, bool(flags & ZERO),
+                                not flags & HOLE, 0, None))
+                pos += length
+            if pos == before:
+                raise CorruptImage(self.path, "nbd", f"the server's block "
+                                   f"status at {pos} covers nothing")
+        return runs
+
+    # --- description --------------------------------------------------
+
+    def files(self):
+        return []
+
+    def info(self):
+        return {"protocol": "nbd", "export": self._h.get_export_name(),
+                "tls": self._tls}
+
+    def close(self):
+        h, self._h = self._h, None
+        if h is None:
+            return
+        try:
+            if not self.readonly and self._flush:
+                self._call("flush", 0, h.flush)
+        finally:
+            _disconnect(h)
+
+    def _call(self, what, offset, method, *args):
+        nbd = _nbd()
+        try:
+            return method(*args)
+        except nbd.Error as e:
+            err = ImageError(self.path, "nbd", f"{what} at {offset}: "
+                             f"{_reason(e)}")
+            err.errno = getattr(errno, e.errno or "", None) or errno.EIO
+            raise err from None
+
+
+def _connect(h, uri, options):
+    """libnbd 1.14 sends an IPv6 literal as the TLS server name, which
+    RFC 6066 forbids and GnuTLS servers (nbdkit's) refuse.  A pre-shared
+    key has no name to check, so there we connect the socket ourselves
+    and libnbd sends none; X.509 keeps libnbd's own way (and its check
+    of the server's name)."""
+    parts = urllib.parse.urlsplit(uri)
+    query = urllib.parse.parse_qs(parts.query)
+    psk = query.get("tls-psk-file", [options.get("tls-psk-file")])[-1]
+    if parts.scheme != "nbds" or ":" not in (parts.hostname or "") or \
+            psk is None:
+        return h.connect_uri(uri)
+    nbd = _nbd()
+    h.set_tls(nbd.TLS_REQUIRE)
+    h.set_tls_psk_file(psk)
+    if parts.username:
+        h.set_tls_username(urllib.parse.unquote(parts.username))
+    h.set_export_name(urllib.parse.unquote(parts.path[1:]))
+    sock = socket.create_connection((parts.hostname, parts.port or 10809))
+    h.connect_socket(sock.detach())
+
+
+def _chunks(count, offset, most):
+    """(offset, length) pieces of at most `most` bytes."""
+    end = offset + count
+    while offset < end:
+        n = min(most, end - offset)
+        yield offset, n
+        offset += n
+
+
+def _reason(e):
+    """libnbd's message without its function-name prefix."""
+    text = e.string or str(e)
+    head, sep, rest = text.partition(": ")
+    return rest if sep and head.startswith("nbd_") else text
+
+
+def _disconnect(h):
+    try:
+        h.shutdown()
+    except _nbd().Error:
+        pass                    # already gone: nothing left to tell it
+
+
+def _nbd():
+    """libnbd's module, imported on first use: only remote images need it."""
+    import nbd
+    return nbd

@@ -1,0 +1,94 @@
+"""The internal snapshot table: listed by `nbdplug info`; a snapshot can
+be opened read-only by id or name (its L1 table becomes the active one)."""
+
+import dataclasses
+
+from nbdplug.errors import CorruptImage, UsageError
+from . import structs as S
+
+FMT = "qcow2"
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    id: str
+    name: str
+    l1_table_offset: int
+    l1_size: int
+    date_sec: int
+    date_nsec: int
+    vm_clock_nsec: int
+    vm_state_size: int
+    disk_size: int      # None when the entry does not record it (v2)
+    icount: int         # None when not recorded
+
+    def info(self):
+        """qemu-img info's keys for a snapshot."""
+        out = {"id": self.id, "name": self.name,
+               "vm-state-size": self.vm_state_size,
+               "date-sec": self.date_sec, "date-nsec": self.date_nsec,
+               "vm-clock-sec": self.vm_clock_nsec // 10**9,
+               "vm-clock-nsec": self.vm_clock_nsec % 10**9}
+        if self.icount is not None:
+            out["icount"] = self.icount
+        return out
+
+
+def read_snapshots(file, geo, path):
+    """Parse the snapshot table (already bounded by the header checks);
+    return the snapshots and the table's length in bytes."""
+    if not geo.nb_snapshots:
+        return [], 0
+    file_size = file.size()
+    limit = min(S.MAX_SNAPSHOT_TABLE_BYTES, file_size - geo.snapshots_offset)
+    data = file.read(limit, geo.snapshots_offset)
+    out = []
+    pos = 0
+    for n in range(geo.nb_snapshots):
+        if pos + S.SNAPSHOT_ENTRY.size > len(data):
+            raise CorruptImage(path, FMT, f"snapshot {n} lies past the end "
+                               "of the snapshot table", "snapshots_offset")
+        e = S.SNAPSHOT_ENTRY.unpack_from(data, pos)
+        if e.extra_data_size > S.MAX_SNAPSHOT_EXTRA:
+            raise CorruptImage(path, FMT, f"snapshot {n} extra data of "
+                               f"{e.extra_data_size} bytes is too large",
+                               "snapshot table")
+        extra_at = pos + S.SNAPSHOT_ENTRY.size
+        strings_at = extra_at + e.extra_data_size
+        end = strings_at + e.id_str_size + e.name_size
+        if end > len(data):
+            raise CorruptImage(path, FMT, f"snapshot {n} lies past the end "
+                               "of the snapshot table", "snapshot table")
+        vm_state, disk_size, icount = e.vm_state_size, None, None
+        if e.extra_data_size >= S.SNAPSHOT_EXTRA.offset("icount"):
+            extra = S.SNAPSHOT_EXTRA.unpack_from(
+                bytes(data[extra_at:extra_at + e.extra_data_size]).ljust(
+                    S.SNAPSHOT_EXTRA.size, b"\xff"))
+            vm_state, disk_size = extra.vm_state_size_large, extra.disk_size
+            if extra.icount != (1 << 64) - 1:
+                icount = extra.icount
+        if e.l1_size * 8 > S.MAX_L1_BYTES or \
+                (e.l1_table_offset % geo.cluster_size) or \
+                e.l1_table_offset + e.l1_size * 8 > file_size:
+            raise CorruptImage(path, FMT, f"snapshot {n} L1 table is "
+                               "invalid", "snapshot table")
+        out.append(Snapshot(
+            id=bytes(data[strings_at:strings_at + e.id_str_size]).decode(
+                errors="replace"),
+            name=bytes(data[strings_at + e.id_str_size:end]).decode(
+                errors="replace"),
+            l1_table_offset=e.l1_table_offset, l1_size=e.l1_size,
+            date_sec=e.date_sec, date_nsec=e.date_nsec,
+            vm_clock_nsec=e.vm_clock_nsec, vm_state_size=vm_state,
+            disk_size=disk_size, icount=icount))
+        pos = -(-end // 8) * 8
+    return out, pos
+
+
+def find(snapshots, key, path):
+    """The snapshot whose id, else name, is `key`."""
+    for attr in ("id", "name"):
+        for snap in snapshots:
+            if getattr(snap, attr) == key:
+                return snap
+    raise UsageError(f"{path}: no snapshot with id or name {key!r}")

@@ -1,0 +1,181 @@
+"""Creating fixed, dynamic and differencing VHDs."""
+
+import os
+import struct
+import time
+import urllib.parse
+import uuid
+
+from nbdplug.errors import UsageError
+from nbdplug.hostfile import HostFile
+from .header import validate
+from .structs import (COOKIE, CREATOR_APPLICATION, DEFAULT_BLOCK_SIZE,
+                      DIFFERENCING, DYNAMIC, DYNAMIC_COOKIE, DYNAMIC_HEADER,
+                      FIXED, FMT, FOOTER, MACX, MAX_BLOCK_SIZE, MAX_GEOMETRY,
+                      MAX_SIZE, MIN_BLOCK_SIZE, MiB, NO_OFFSET,
+                      PARENT_LOCATOR, SECTOR, VERSION, VHD_EPOCH, W2KU, W2RU,
+                      checksum, round_up)
+
+
+def _block_size_option(text):
+    if text is None:
+        return DEFAULT_BLOCK_SIZE
+    from nbdplug.cli import parse_size
+    bs = parse_size(text)
+    if bs & (bs - 1) or not MIN_BLOCK_SIZE <= bs <= MAX_BLOCK_SIZE:
+        raise UsageError(f"block_size {text}: a power of two from "
+                         f"{MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE // MiB}M")
+    return bs
+
+
+def chs_geometry(size):
+    """Cylinders, heads, sectors per track: the specification's appendix
+    algorithm, or the maximum geometry when the result does not multiply
+    back to `size` (qemu then reads the footer's size, as Hyper-V does)."""
+    total = min(size // SECTOR, 65535 * 16 * 255)
+    if total >= 65535 * 16 * 63:
+        spt, heads = 255, 16
+        cth = total // spt
+    else:
+        spt = 17
+        cth = total // spt
+        heads = max(4, (cth + 1023) // 1024)
+        if cth >= heads * 1024 or heads > 16:
+            spt, heads = 31, 16
+            cth = total // spt
+        if cth >= heads * 1024:
+            spt, heads = 63, 16
+            cth = total // spt
+    cylinders = cth // heads
+    if cylinders * heads * spt * SECTOR != size:
+        return MAX_GEOMETRY
+    return cylinders, heads, spt
+
+
+def _now():
+    return max(0, int(time.time()) - VHD_EPOCH) & 0xFFFFFFFF
+
+
+def _new_footer(size, disk_type):
+    cylinders, heads, spt = chs_geometry(size)
+    fields = dict(cookie=COOKIE, features=2, file_format_version=VERSION,
+                  data_offset=NO_OFFSET if disk_type == FIXED else SECTOR,
+                  time_stamp=_now(), creator_application=CREATOR_APPLICATION,
+                  creator_version=0x00010000, creator_host_os=b"Wi2k",
+                  original_size=size, current_size=size,
+                  cylinders=cylinders, heads=heads, sectors_per_track=spt,
+                  disk_type=disk_type, checksum=0,
+                  unique_id=uuid.uuid4().bytes, saved_state=0,
+                  reserved=bytes(427))
+    return with_checksum(FOOTER, fields)
+
+
+def with_checksum(layout, fields):
+    raw = bytearray(layout.pack(**fields))
+    struct.pack_into(">I", raw, layout.offset("checksum"),
+                     checksum(raw, layout.offset("checksum")))
+    return bytes(raw)
+
+
+def parent_facts(path, backing):
+    """What a differencing child records of its parent (already vetted
+    by the open policy): unique id, size, time stamp and locators."""
+    child_dir = os.path.dirname(os.path.abspath(path))
+    parent = os.path.abspath(os.path.join(child_dir, backing))
+    file = HostFile(parent)
+    try:
+        geom = validate(file, parent)
+        mtime = int(os.fstat(file.fd).st_mtime)
+    finally:
+        file.close()
+    relative = os.path.relpath(parent, child_dir)
+    try:
+        unicode_name = backing.encode("utf-16-be")
+        locators = [
+            (W2RU, (".\\" + relative.replace("/", "\\")).encode(
+                "utf-16-le")),
+            (W2KU, parent.replace("/", "\\").encode("utf-16-le")),
+            (MACX, ("file://" + urllib.parse.quote(parent)).encode("utf-8")),
+        ]
+    except UnicodeEncodeError:
+        # (Names not valid in UTF-8 reach us as lone surrogates.)
+        raise UsageError(f"parent name {backing!r} cannot be written in "
+                         "UTF-16") from None
+    # 512 bytes, one UTF-16 unit kept for the terminating NUL.
+    if len(unicode_name) > 510:
+        raise UsageError(f"parent name {backing!r} is longer than the 255 "
+                         "UTF-16 characters a VHD records")
+    return {"size": geom.size, "unique_id": geom.unique_id,
+            "time_stamp": max(0, mtime - VHD_EPOCH) & 0xFFFFFFFF,
+            "name": backing, "unicode_name": unicode_name,
+            "locators": locators}
+
+
+def _dynamic_layout(size, block_size, footer, parent):
+    """The bytes of a new dynamic or differencing VHD with an empty BAT:
+    footer copy, dynamic header, locator data, BAT, footer."""
+    entries = -(-size // block_size)
+    pos = SECTOR + DYNAMIC_HEADER.size
+    locator_entries, locator_data = bytearray(192), bytearray()
+    for i, (code, data) in enumerate(parent["locators"] if parent else ()):
+        space = round_up(len(data), SECTOR)
+        # Space in bytes, as Virtual PC and Hyper-V write it (the
+        # specification says sectors).
+        PARENT_LOCATOR.pack_into(locator_entries, i * PARENT_LOCATOR.size,
+                                 PARENT_LOCATOR.tuple(code, space, len(data),
+                                                      0, pos))
+        locator_data += data + bytes(space - len(data))
+        pos += space
+    header = dict(cookie=DYNAMIC_COOKIE, data_offset=NO_OFFSET,
+                  table_offset=pos, header_version=VERSION,
+                  max_table_entries=entries, block_size=block_size,
+                  checksum=0, parent_unique_id=bytes(16),
+                  parent_time_stamp=0, reserved1=0,
+                  parent_unicode_name=bytes(512),
+                  parent_locator_entries=bytes(locator_entries),
+                  reserved2=bytes(256))
+    if parent:
+        header.update(parent_unique_id=parent["unique_id"],
+                      parent_time_stamp=parent["time_stamp"],
+                      parent_unicode_name=parent["unicode_name"])
+    bat = b"\xff" * (4 * entries)
+    bat += b"\xff" * (round_up(len(bat), SECTOR) - len(bat))
+    return b"".join([footer, with_checksum(DYNAMIC_HEADER, header),
+                     bytes(locator_data), bat, footer])
+
+
+def create(path, size, options, backing=None, backing_fmt=None):
+    """Write a new fixed, dynamic or differencing VHD."""
+    opts = dict(options)
+    subformat = opts.pop("subformat", "dynamic")
+    block_size = _block_size_option(opts.pop("block_size", None))
+    if opts:
+        raise UsageError("vpc does not take -o "
+                         + ",".join(sorted(opts)))
+    if subformat not in ("fixed", "dynamic"):
+        raise UsageError(f"subformat {subformat!r}: expected fixed or "
+                         "dynamic")
+    if size % SECTOR or size > MAX_SIZE:
+        raise UsageError(f"size {size}: a VHD is a whole number of "
+                         "512-byte sectors, at most 2040 GiB")
+    parent = None
+    if backing is not None:
+        if subformat == "fixed":
+            raise UsageError("a fixed VHD cannot have a parent")
+        if backing_fmt not in (None, FMT):
+            raise UsageError(f"the parent of a differencing VHD must be "
+                             f"a VHD, not {backing_fmt}")
+        parent = parent_facts(path, backing)
+        if size != parent["size"]:
+            raise UsageError(f"size {size} differs from the parent's "
+                             f"{parent['size']}")
+    disk_type = FIXED if subformat == "fixed" else \
+        DIFFERENCING if parent else DYNAMIC
+    footer = _new_footer(size, disk_type)
+    with open(path, "xb") as f:
+        if disk_type == FIXED:
+            f.truncate(size)
+            f.seek(size)
+            f.write(footer)
+            return
+        f.write(_dynamic_layout(size, block_size, footer, parent))

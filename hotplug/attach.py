@@ -21,13 +21,12 @@ from nbdplug.opener import names_a_file, open_image
 from . import devices, partitions, procs, state
 from .udev import Watcher
 
-VIA = ("nbd", "loop")
 
 
 def attach(image, fmt=None, readonly=False, share=False, via=None,
            policy=None):
     """Attach `image`; returns its record (see state.py)."""
-    if via not in (None,) + VIA:
+    if via not in (None,) + devices.VIA:
         raise UsageError(f"--via {via!r}: expected nbd or loop")
     if names_a_file(image):
         image = os.path.realpath(image)

@@ -1,15 +1,15 @@
 """The `nbdplug` command with the dom0 verbs: attach, mount, umount,
 list, detach.  nbdplug.cli owns the table and the error handling; this
-adds verbs that need pyudev and pyparted, which nbdplug must not import."""
+adds verbs that need pyudev and pyparted, which nbdplug must not import.
+They are imported by the verbs that use them, so `nbdplug info` starts
+without them."""
 
 import json
 import sys
 
 from nbdplug import cli
 
-from . import attach as _attach
-from . import mount as _mount
-from . import state
+from .devices import VIA
 
 
 def _print_attached(record):
@@ -19,24 +19,29 @@ def _print_attached(record):
 
 
 def cmd_attach(args):
+    from . import attach as _attach
     record = _attach.attach(args.image, args.format, args.readonly,
-                            args.force_share, args.via, cli._policy(args))
+                            args.force_share, args.via, cli.policy_from(args))
     _print_attached(record)
 
 
 def cmd_mount(args):
+    from . import mount as _mount
     record, dev = _mount.mount(args.image, args.mountpoint, args.format,
                                args.partition, args.readonly,
                                args.force_share, args.options, args.via,
-                               cli._policy(args))
+                               cli.policy_from(args))
     print(f"{dev} mounted on {args.mountpoint}")
 
 
 def cmd_umount(args):
+    from . import mount as _mount
     _mount.umount(args.mountpoint)
 
 
 def cmd_list(args):
+    from . import attach as _attach
+    from . import state
     with state.locked():
         records = state.load_all()
     entries = [{"image": r["image"], "format": r["format"],
@@ -63,19 +68,20 @@ def cmd_list(args):
 def cmd_detach(args):
     if args.all == bool(args.target):
         raise cli.UsageError("give DEV|IMAGE or --all")
+    from . import attach as _attach
     for r in _attach.detach(args.target, everything=args.all):
         print(f"detached {r.get('device') or '-'} ({r['image']})")
 
 
 def _args_attach_common(p):
-    cli._add_format(p)
+    cli.add_format(p)
     p.add_argument("--readonly", "-r", action="store_true")
     p.add_argument("--force-share", "-U", action="store_true",
                    help="read an image another process holds (with -r)")
-    p.add_argument("--via", choices=_attach.VIA,
+    p.add_argument("--via", choices=VIA,
                    help="kernel NBD or nbdfuse + loop (default: nbd if the "
                    "kernel has it)")
-    cli._add_policy(p)
+    cli.add_policy(p)
     p.add_argument("image")
 
 

@@ -8,211 +8,69 @@ stderr and exits 2; nothing prints a traceback at a person.
 
 import argparse
 import json
-import os
 import re
 import sys
 
-from .serve import exports, nbdkit as server
-from .report import EXIT_UNSUPPORTED
 from .errors import ImageError, UnsupportedFeature, UsageError
-from .opener import FORMATS, check_image, create_image, open_image
+from .formats import FORMATS
+from .opener import open_image
+from .ops import info
+from .options import parse_size, split_options
 from .policy import OpenPolicy
+from .report import EXIT_UNSUPPORTED
 
 PROG = "nbdplug"
 
-_SIZE = re.compile(r"^(\d+)([kKmMgGtTpPeE]?)(?:i?B)?$")
-_UNITS = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
-
-
-def parse_size(text):
-    """'10G' → bytes, binary units as qemu-img takes them."""
-    m = _SIZE.match(text.strip())
-    if not m:
-        raise UsageError(f"size {text!r} is not a number (e.g. 512, 64M, "
-                         "10G)")
-    return int(m.group(1)) << _UNITS[m.group(2).lower()]
-
-
-def parse_options(text):
-    """'-o a=1,b=2' → {'a': '1', 'b': '2'}."""
-    opts = {}
-    for item in filter(None, (text or "").split(",")):
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UsageError(f"option {item!r}: expected KEY=VALUE")
-        opts[key.strip()] = value.strip()
-    return opts
-
-
-def _policy(args):
+def policy_from(args):
+    """The open policy the --backing-root and --no-backing flags ask for."""
     return OpenPolicy(roots=getattr(args, "backing_root", None) or (),
                       no_backing=getattr(args, "no_backing", False))
 
 
-def _add_policy(p):
+def add_policy(p):
     p.add_argument("--backing-root", action="append", metavar="DIR",
                    help="also allow backing/extent files under DIR")
     p.add_argument("--no-backing", action="store_true",
                    help="refuse every backing/extent file")
 
 
-def _add_format(p, letter="-f"):
+def add_format(p, letter="-f"):
     p.add_argument(letter, dest="format", choices=sorted(FORMATS),
                    metavar="FMT", help="image format (" +
                    ", ".join(sorted(FORMATS)) + ")")
 
 
-# --- info -------------------------------------------------------------
-
-def image_info(disk):
-    """qemu-img info's JSON keys where they mean the same."""
-    info = {
-        "filename": disk.path,
-        "format": disk.format_name,
-        "virtual-size": disk.size,
-        "actual-size": sum(_allocated(p) for p in disk.files()),
-    }
-    cluster = getattr(disk, "cluster_size", None)
-    if cluster:
-        info["cluster-size"] = cluster
-    if getattr(disk, "dirty", None) is not None:
-        info["dirty-flag"] = disk.dirty
-    backing_name = getattr(disk, "backing_name", None)
-    if backing_name:
-        info["backing-filename"] = backing_name
-        if disk.backing is not None:
-            info["full-backing-filename"] = disk.backing.path
-            info["backing-filename-format"] = disk.backing.format_name
-    snapshots = getattr(disk, "snapshots", None)
-    if snapshots:
-        info["snapshots"] = [s.info() for s in snapshots]
-    specific = disk.info()
-    if specific:
-        info["format-specific"] = {"type": disk.format_name,
-                                   "data": specific}
-    if disk.backing is not None:
-        info["backing-image"] = image_info(disk.backing)
-    return info
-
-
-def _allocated(path):
-    try:
-        return os.stat(path).st_blocks * 512
-    except OSError:
-        return 0
-
-
-def _human_size(n):
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if n < 1024 or unit == "PiB":
-            return f"{n:g} {unit}" if unit == "B" else f"{n:.3g} {unit}"
-        n /= 1024
-
-
-def _print_info(info, indent=""):
-    print(f"{indent}image: {info['filename']}")
-    print(f"{indent}file format: {info['format']}")
-    print(f"{indent}virtual size: {_human_size(info['virtual-size'])} "
-          f"({info['virtual-size']} bytes)")
-    print(f"{indent}disk size: {_human_size(info['actual-size'])}")
-    if "cluster-size" in info:
-        print(f"{indent}cluster_size: {info['cluster-size']}")
-    if "backing-filename" in info:
-        print(f"{indent}backing file: {info['backing-filename']}")
-        if "backing-filename-format" in info:
-            print(f"{indent}backing file format: "
-                  f"{info['backing-filename-format']}")
-    if "format-specific" in info:
-        print(f"{indent}Format specific information:")
-        _print_tree(info["format-specific"]["data"], indent + "    ")
-    if "backing-image" in info:
-        print(f"{indent}backing image:")
-        _print_info(info["backing-image"], indent + "    ")
-
-
-def _print_tree(value, indent):
-    for key, v in value.items():
-        if isinstance(v, dict):
-            print(f"{indent}{key}:")
-            _print_tree(v, indent + "    ")
-        elif isinstance(v, list):
-            print(f"{indent}{key}:")
-            for i, item in enumerate(v):
-                if isinstance(item, dict):
-                    print(f"{indent}    [{i}]:")
-                    _print_tree(item, indent + "        ")
-                else:
-                    print(f"{indent}    [{i}]: {item}")
-        else:
-            print(f"{indent}{key}: {v}")
-
+# --- info / map -------------------------------------------------------
 
 def cmd_info(args):
     with open_image(args.image, args.format, readonly=True,
-                    policy=_policy(args)) as disk:
-        info = image_info(disk)
+                    policy=policy_from(args)) as disk:
+        facts = info.image_info(disk)
     if args.output == "json":
-        print(json.dumps(info, indent=4))
+        print(json.dumps(facts, indent=4))
     else:
-        _print_info(info)
-
-
-# --- map --------------------------------------------------------------
-
-def map_entries(disk):
-    """`qemu-img map --output=json` entries: adjacent runs merged where
-    every field agrees and host offsets continue."""
-    out = []
-    for run in disk.map(disk.size, 0):
-        entry = {"start": run.offset, "length": run.length,
-                 "depth": run.depth, "present": run.present,
-                 "zero": run.zero, "data": run.data}
-        if run.host is not None:
-            entry["offset"] = run.host[1]
-        if out and _continues(out[-1], entry):
-            out[-1]["length"] += entry["length"]
-        else:
-            out.append(entry)
-    return out
-
-
-def _continues(prev, entry):
-    for key in ("depth", "present", "zero", "data"):
-        if prev[key] != entry[key]:
-            return False
-    if ("offset" in prev) != ("offset" in entry):
-        return False
-    return "offset" not in prev or \
-        prev["offset"] + prev["length"] == entry["offset"]
+        print("\n".join(info.info_lines(facts)))
 
 
 def cmd_map(args):
     with open_image(args.image, args.format, readonly=True,
-                    policy=_policy(args)) as disk:
-        entries = map_entries(disk)
+                    policy=policy_from(args)) as disk:
+        entries = info.map_entries(disk)
         chain = [d.path for d in disk.chain()]
     if args.output == "json":
         print(json.dumps(entries))
-        return
-    print(f"{'Offset':<20}{'Length':<20}{'Depth':<7}{'Kind':<11}"
-          f"{'Mapped to':<20}File")
-    for e in entries:
-        kind = "data" if e["data"] else ("zero" if e["zero"] else "hole")
-        if not e["present"]:
-            kind = "unallocated"
-        mapped = f"{e['offset']:#x}" if "offset" in e else "-"
-        path = chain[e["depth"]] if e["depth"] < len(chain) else "-"
-        print(f"{e['start']:<#20x}{e['length']:<#20x}{e['depth']:<7}"
-              f"{kind:<11}{mapped:<20}{path if 'offset' in e else '-'}")
+    else:
+        print("\n".join(info.map_lines(entries, chain)))
 
 
 # --- create -----------------------------------------------------------
 
 def cmd_create(args):
+    from .ops.create import create_image
     size = parse_size(args.size) if args.size is not None else None
-    create_image(args.image, args.format, size, parse_options(args.options),
+    create_image(args.image, args.format, size, split_options(args.options),
                  backing=args.backing, backing_fmt=args.backing_format,
-                 policy=_policy(args))
+                 policy=policy_from(args))
     if not args.quiet:
         print(f"Formatting '{args.image}', fmt={args.format}"
               + (f" size={size}" if size is not None else ""))
@@ -221,9 +79,10 @@ def cmd_create(args):
 # --- check ------------------------------------------------------------
 
 def cmd_check(args):
+    from .ops.check import check_image
     try:
         report = check_image(args.image, args.format, repair=args.repair,
-                             policy=_policy(args))
+                             policy=policy_from(args))
     except UnsupportedFeature as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return EXIT_UNSUPPORTED
@@ -237,6 +96,7 @@ def cmd_check(args):
 # --- serve / stop -----------------------------------------------------
 
 def cmd_serve(args):
+    from .serve import exports, nbdkit
     cfg = (exports.load(args.config, FORMATS) if args.config
            else exports.ServeConfig())
     for key in ("listen", "socket", "tls_psk", "tls_certs"):
@@ -255,19 +115,20 @@ def cmd_serve(args):
     if args.readonly and args.writable:
         raise UsageError("give --readonly or --writable, not both")
     writable = True if args.writable else False if args.readonly else None
-    return server.serve(cfg, writable, policy=_policy(args),
+    return nbdkit.serve(cfg, writable, policy=policy_from(args),
                         direct=args.direct, foreground=args.foreground,
                         pidfile=args.pidfile)
 
 
 def cmd_stop(args):
+    from .serve import nbdkit
     target = args.target
     if target.startswith(("nbd+unix:", "nbds+unix:")):
         target = target.split("socket=", 1)[-1]
         from urllib.parse import unquote
         target = unquote(target)
     pidfile = target if target.endswith(".pid") else target + ".pid"
-    pid = server.stop(pidfile)
+    pid = nbdkit.stop(pidfile)
     print(f"stopped server pid {pid}")
 
 
@@ -276,15 +137,15 @@ def cmd_stop(args):
 def cmd_convert(args):
     from .ops.convert import convert  # keeps tqdm off every other verb
     convert(args.src, args.dst, args.out_format, src_fmt=args.format,
-            options=parse_options(args.options), compress=args.compress,
+            options=split_options(args.options), compress=args.compress,
             backing=args.backing, backing_fmt=args.backing_format,
-            share=args.force_share, policy=_policy(args),
+            share=args.force_share, policy=policy_from(args),
             progress=args.progress or (sys.stderr.isatty() and
                                        not args.quiet))
 
 
 def _args_convert(p):
-    _add_format(p)
+    add_format(p)
     p.add_argument("-O", dest="out_format", required=True,
                    choices=sorted(FORMATS), metavar="FMT",
                    help="output format")
@@ -302,7 +163,7 @@ def _args_convert(p):
                    "top layer does not hold is left to it")
     p.add_argument("-F", dest="backing_format", choices=sorted(FORMATS),
                    metavar="FMT")
-    _add_policy(p)
+    add_policy(p)
     p.add_argument("src")
     p.add_argument("dst")
 
@@ -313,14 +174,14 @@ def cmd_compare(args):
     from .ops.compare import compare
     outcome = compare(args.image1, args.image2, args.format,
                       args.format2, strict=args.strict,
-                      share=args.force_share, policy=_policy(args))
+                      share=args.force_share, policy=policy_from(args))
     if not args.quiet:
         print("\n".join(outcome.messages))
     return 0 if outcome.identical else 1
 
 
 def _args_compare(p):
-    _add_format(p)
+    add_format(p)
     p.add_argument("-F", dest="format2", choices=sorted(FORMATS),
                    metavar="FMT", help="format of the second image")
     p.add_argument("-s", dest="strict", action="store_true",
@@ -328,7 +189,7 @@ def _args_compare(p):
     p.add_argument("-q", dest="quiet", action="store_true")
     p.add_argument("-U", "--force-share", action="store_true",
                    help="read images another process may be writing")
-    _add_policy(p)
+    add_policy(p)
     p.add_argument("image1")
     p.add_argument("image2")
 
@@ -336,33 +197,33 @@ def _args_compare(p):
 # --- rebase -------------------------------------------------------------
 
 def cmd_rebase(args):
-    from .opener import rebase_image
+    from .ops.rebase import rebase_image
     rebase_image(args.image, args.format, args.backing, args.backing_format,
-                 unsafe=args.unsafe, policy=_policy(args))
+                 unsafe=args.unsafe, policy=policy_from(args))
 
 
 def _args_rebase(p):
-    _add_format(p)
+    add_format(p)
     p.add_argument("-u", dest="unsafe", action="store_true",
                    help="only rewrite the reference (no data is copied)")
     p.add_argument("-b", dest="backing", required=True, metavar="BACKING",
                    help='new backing file ("" for none: flatten)')
     p.add_argument("-F", dest="backing_format", choices=sorted(FORMATS),
                    metavar="FMT")
-    _add_policy(p)
+    add_policy(p)
     p.add_argument("image")
 
 
 # --- resize -------------------------------------------------------------
 
 def cmd_resize(args):
-    from .opener import resize_image
+    from .ops.resize import resize_image
     text = args.size.strip()
     relative = text[:1] in ("+", "-")
     size = parse_size(text[1:] if relative else text)
     resize_image(args.image, -size if text[:1] == "-" else size,
                  args.format, shrink=args.shrink, relative=relative,
-                 policy=_policy(args))
+                 policy=policy_from(args))
     if not args.quiet:
         print("Image resized.")
 
@@ -370,11 +231,11 @@ def cmd_resize(args):
 def _args_resize(p):
     # "-1G" is a size, not an option (qemu-img takes it so too).
     p._negative_number_matcher = re.compile(r"^-\d")
-    _add_format(p)
+    add_format(p)
     p.add_argument("--shrink", action="store_true",
                    help="allow the image to become smaller")
     p.add_argument("-q", dest="quiet", action="store_true")
-    _add_policy(p)
+    add_policy(p)
     p.add_argument("image")
     p.add_argument("size", help="[+|-]SIZE")
 
@@ -389,36 +250,36 @@ def cmd_rm_ram(args):
 # --- verb table ---------------------------------------------------------
 
 def _args_info(p):
-    _add_format(p)
+    add_format(p)
     p.add_argument("--output", choices=("human", "json"), default="human")
-    _add_policy(p)
+    add_policy(p)
     p.add_argument("image")
 
 
 def _args_create(p):
-    _add_format(p)
+    add_format(p)
     p.add_argument("-o", dest="options", metavar="OPTS",
                    help="format options KEY=VALUE[,...]")
     p.add_argument("-b", dest="backing", metavar="BACKING")
     p.add_argument("-F", dest="backing_format", choices=sorted(FORMATS),
                    metavar="FMT")
     p.add_argument("-q", dest="quiet", action="store_true")
-    _add_policy(p)
+    add_policy(p)
     p.add_argument("image")
     p.add_argument("size", nargs="?")
 
 
 def _args_check(p):
-    _add_format(p)
+    add_format(p)
     p.add_argument("-r", dest="repair", choices=("leaks", "all"),
                    help="repair leaks, or leaks and corruptions")
     p.add_argument("--output", choices=("human", "json"), default="human")
-    _add_policy(p)
+    add_policy(p)
     p.add_argument("image")
 
 
 def _args_serve(p):
-    _add_format(p)
+    add_format(p)
     p.add_argument("--export", action="append", metavar="NAME=IMAGE[:FMT]",
                    help="serve IMAGE as export NAME (repeatable)")
     p.add_argument("--config", metavar="FILE",
@@ -445,7 +306,7 @@ def _args_serve(p):
                    help="allow clear-text TCP beyond loopback")
     p.add_argument("--foreground", action="store_true")
     p.add_argument("--pidfile", metavar="PATH")
-    _add_policy(p)
+    add_policy(p)
     p.add_argument("image", nargs="?")
 
 

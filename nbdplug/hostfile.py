@@ -7,7 +7,6 @@ all I/O is positional and safe from many threads.
 """
 
 import ctypes
-import ctypes.util
 import errno
 import mmap
 import os
@@ -22,7 +21,8 @@ FALLOC_FL_ZERO_RANGE = 0x10
 # size; 4096 covers 512e and 4Kn devices and every filesystem here.
 DIRECT_ALIGN = 4096
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+# The C library this process already has (find_library would run ldconfig).
+_libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64,
                             ctypes.c_int64]
 

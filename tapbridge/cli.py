@@ -92,7 +92,7 @@ def _args_serve_xen(p):
 
 
 def _args_serve_shm(p):
-    cli._add_format(p)
+    cli.add_format(p)
     p.add_argument("--order", type=int, default=0,
                    help="ring-page-order: the ring is 4096 << N bytes")
     p.add_argument("--protocol", choices=sorted(PROTOCOLS),

@@ -4,8 +4,9 @@ import os
 
 import pytest
 
-from nbdplug import (HOLE, ZERO, ImageError, ReadOnlyDisk, RequestError,
-                     open_image)
+from nbdplug import (EXTENT_HOLE, EXTENT_ZERO, ImageError, ReadOnlyDisk,
+                     RequestError, open_image)
+from nbdplug.disk import check_request
 
 MiB = 1 << 20
 
@@ -71,7 +72,7 @@ def test_pwrite_lands_in_file(sparse):
 def test_extents_match_seek_hole(sparse):
     with open_image(sparse, "raw") as disk:
         ext = disk.extents(disk.size, 0)
-    expect = [(o, n, 0 if d else HOLE | ZERO) for o, n, d in
+    expect = [(o, n, 0 if d else EXTENT_HOLE | EXTENT_ZERO) for o, n, d in
               seek_runs(sparse)]
     assert [tuple(e) for e in ext] == expect
     assert any(flags == 0 for _, _, flags in expect)
@@ -120,10 +121,15 @@ def test_readonly_refuses_writes(sparse):
         assert f.read() == before
 
 
-def test_write_past_end_refused(sparse):
+def test_past_end_refused_at_the_front(sparse):
+    """Requests are checked where they enter (nbdkit, tapbridge's
+    dispatcher, Disk.read), not by each driver."""
     with open_image(sparse, "raw", readonly=False) as disk:
+        for count, offset in ((4096, 16 * MiB - 100), (1, -1)):
+            with pytest.raises(RequestError, match="beyond the end"):
+                check_request(disk, count, offset)
         with pytest.raises(RequestError, match="beyond the end"):
-            disk.pwrite(b"x" * 4096, 16 * MiB - 100)
+            disk.read(4096, 16 * MiB - 100)
     assert os.path.getsize(sparse) == 16 * MiB
 
 

@@ -4,7 +4,6 @@ bounded memory and time, and the file is not written."""
 
 import errno
 import os
-import struct
 
 import nbd
 import pytest

@@ -13,7 +13,7 @@ import pytest
 from conftest import run
 from crashsim import Recorder, crash_states, run_workload, write_state
 from nbdplug import create_image, open_image
-from nbdplug.opener import check_image
+from nbdplug import check_image
 from nbdplug.formats.vmdk import create as vmdk_create
 
 MiB = 1 << 20

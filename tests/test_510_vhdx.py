@@ -11,7 +11,7 @@ import uuid
 import pyvhdi
 import pytest
 
-from conftest import nbdplug, run, served
+from conftest import nbdplug, run
 from nbdplug import ImageError, open_image
 from nbdplug.formats.vhdx.log import crc32c
 from test_300_cli import assert_one_line_error

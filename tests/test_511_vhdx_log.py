@@ -11,7 +11,7 @@ import pytest
 
 from conftest import run
 from test_500_vhd import qemu_raw, read_all
-from test_510_vhdx import current_header, qemu_vhdx, with_crc
+from test_510_vhdx import qemu_vhdx, with_crc
 
 KiB, MiB = 1 << 10, 1 << 20
 LOG = MiB                       # qemu puts a 1 MiB log at 1 MiB

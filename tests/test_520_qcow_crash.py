@@ -11,7 +11,7 @@ import pytest
 from conftest import nbdplug, run
 from crashsim import Recorder, crash_states, run_workload, write_state
 from nbdplug import open_image
-from nbdplug.opener import check_image
+from nbdplug import check_image
 from nbdplug.formats.qcow import QcowDisk
 
 TARGET = int(os.environ.get("CRASH_STATES", "1000"))

@@ -11,9 +11,9 @@ import threading
 import pyqcow
 import pytest
 
-from conftest import nbdplug, qemu_img_compare, run, served
+from conftest import nbdplug, run, served
 from nbdplug import CorruptImage, open_image
-from nbdplug.opener import check_image
+from nbdplug import check_image
 from nbdplug.formats.qcow import HEADER
 from test_520_qcow_read import compressible, qemu_raw
 

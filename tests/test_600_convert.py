@@ -23,7 +23,7 @@ HOLE = (64 * MiB, 96 * MiB)     # nothing written: a whole VHDX block too
 # Formats qemu-img knows, so it can write the sources and judge outputs.
 QEMU_FORMATS = ("raw", "qcow2", "qcow", "vmdk", "vpc", "vhdx")
 READABLE = list(QEMU_FORMATS)
-WRITABLE = [f for f in READABLE if hasattr(FORMATS[f], "create")]
+WRITABLE = [f for f in READABLE if FORMATS[f].create is not None]
 
 
 def qemu_source(tmp_path, fmt):
@@ -84,8 +84,7 @@ def test_convert_matrix(tmp_path, src_fmt, out_fmt):
 
 
 @pytest.mark.parametrize("out_fmt", [f for f in WRITABLE
-                                     if getattr(FORMATS[f], "can_compress",
-                                                False)])
+                                     if FORMATS[f].compress])
 def test_convert_compressed(tmp_path, out_fmt):
     src = qemu_source(tmp_path, "raw")
     dst = str(tmp_path / f"dst.{out_fmt}")

@@ -17,7 +17,7 @@ from conftest import (nbdplug, qemu_img_check_clean, qemu_img_compare, run,
 from crashsim import Recorder, crash_states, write_state
 from nbdplug import check_image, open_image
 from nbdplug.errors import UnsupportedFeature
-from nbdplug.opener import resize_image
+from nbdplug.ops.resize import resize_image
 from nbdplug.formats.raw import RawDisk
 from test_310_qcow2_read import qemu_io
 

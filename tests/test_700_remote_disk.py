@@ -7,7 +7,7 @@ import pytest
 
 from conftest import nbdplug, run, served
 from nbdplug import ImageError, ReadOnlyDisk, UsageError, open_image
-from nbdplug.disk import HOLE, ZERO
+from nbdplug.disk import EXTENT_HOLE, EXTENT_ZERO
 from test_100_raw_driver import pattern, seek_runs
 
 MiB = 1 << 20
@@ -55,7 +55,7 @@ def test_map_matches_the_files_holes(image):
             extents = [(e.offset, e.length, e.flags)
                        for e in disk.extents(SIZE, 0)]
             part = disk.map(3 * MiB, MiB // 2)
-    assert extents == [(o, n, 0 if d else HOLE | ZERO)
+    assert extents == [(o, n, 0 if d else EXTENT_HOLE | EXTENT_ZERO)
                        for o, n, d in seek_runs(image)]
     assert part[0].offset == MiB // 2 and not part[0].data
     assert sum(r.length for r in part) == 3 * MiB

@@ -1,20 +1,13 @@
-"""The image formats: FORMATS is the one table of drivers, keyed by
-qemu-img's format names; the CLI's -f choices come from it."""
+"""The image formats.  FORMATS is the one table: each format's
+FormatSpec (see nbdplug.disk), keyed by qemu-img's format name; the
+opener, the operations and the CLI's -f choices all read it.
 
-from .qcow import QcowDisk
-from .qcow2 import Qcow2Disk
-from .ram import RamDisk
-from .raw import RawDisk
-from .vhd import VhdDisk
-from .vhdx import VhdxDisk
-from .vmdk import VmdkDisk
+A format never imports the opener, the operations, the servers or the
+CLI: it receives what it needs (an OpenContext, an opened backing Disk).
+"""
 
-FORMATS = {
-    "raw": RawDisk,
-    "qcow2": Qcow2Disk,
-    "qcow": QcowDisk,
-    "vmdk": VmdkDisk,
-    "vpc": VhdDisk,
-    "vhdx": VhdxDisk,
-    "ram": RamDisk,
-}
+from . import qcow, qcow2, ram, raw, vhd, vhdx, vmdk
+
+FORMATS = {spec.name: spec for spec in (
+    raw.SPEC, qcow2.SPEC, qcow.SPEC, vmdk.SPEC, vhd.SPEC, vhdx.SPEC,
+    ram.SPEC)}

@@ -18,7 +18,8 @@ import errno
 import socket
 import urllib.parse
 
-from nbdplug.disk import HOLE, ZERO, Disk, MiB, Run
+from nbdplug.disk import (DATA, EXTENT_HOLE, EXTENT_ZERO, ZERO, Disk, MiB,
+                          Run)
 from nbdplug.errors import CorruptImage, ImageError, ReadOnlyDisk, UsageError
 
 SCHEMES = ("nbd://", "nbds://", "nbd+unix://", "nbds+unix://")
@@ -169,8 +170,7 @@ class NbdDisk(Disk):
                 length, flags = min(entries[i], end - pos), entries[i + 1]
                 if length <= 0:
                     break
-                runs.append(Run(pos, length, True, bool(flags & ZERO),
-                                not flags & HOLE, 0, None))
+                runs.append(_run(pos, length, flags))
                 pos += length
             if pos == before:
                 raise CorruptImage(self.path, "nbd", f"the server's block "
@@ -227,6 +227,14 @@ def _connect(h, uri, options):
     h.set_export_name(urllib.parse.unquote(parts.path[1:]))
     sock = socket.create_connection((parts.hostname, parts.port or 10809))
     h.connect_socket(sock.detach())
+
+
+def _run(pos, length, flags):
+    """A run of the server's block status: zeros where it says so; a hole
+    it does not say reads as zeros is read as data."""
+    if flags & EXTENT_HOLE and flags & EXTENT_ZERO:
+        return Run(pos, length, ZERO)
+    return Run(pos, length, DATA, sparse=bool(flags & EXTENT_ZERO))
 
 
 def _chunks(count, offset, most):

@@ -25,7 +25,9 @@ import threading
 import zlib
 
 from nbdplug.report import CheckReport
-from nbdplug.disk import Disk, Run
+from nbdplug import options
+from nbdplug.disk import (BACKING, COMPRESSED, DATA, Disk, FormatSpec, Run,
+                          add_run)
 from nbdplug.errors import CorruptImage, UnsupportedFeature, UsageError
 from nbdplug.hostfile import HostFile
 from nbdplug.layout import Layout, be64_array, be64_bytes
@@ -55,7 +57,6 @@ MAX_L1_BYTES = 32 << 20
 L2_CACHE_BYTES = 8 << 20
 
 # Kinds of guest range in a mapping walk.
-PLAIN, COMPRESSED, UNALLOCATED = range(3)
 
 
 
@@ -201,7 +202,6 @@ class QcowDisk(Disk):
         self._file_size = file.size()
         # New clusters go at the end, cluster aligned.
         self._end = _align_up(self._file_size, geo.cluster_size)
-        self._broken = None
         # Guards the tables, their cache and allocation; held across the
         # data writes of an allocation, never across plain reads/writes.
         self._lock = threading.Lock()
@@ -252,15 +252,11 @@ class QcowDisk(Disk):
             file.close()
             raise
 
-    @classmethod
-    def create(cls, path, size, options, backing=None, backing_fmt=None):
-        from nbdplug.cli import parse_size
-        from nbdplug.opener import probe
-        opts = dict(options)
-        cluster_size = parse_size(opts.pop("cluster_size", "4096"))
-        if opts:
-            raise UsageError("qcow takes only -o cluster_size; not: "
-                             + ",".join(sorted(opts)))
+    @staticmethod
+    def create(path, size, opts, backing=None):
+        """A new image; `opts` parsed from OPTIONS, `backing` an
+        nbdplug.disk.Backing or None."""
+        cluster_size = opts["cluster_size"]
         cluster_bits = cluster_size.bit_length() - 1
         if cluster_size != 1 << cluster_bits or not \
                 MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS:
@@ -278,19 +274,17 @@ class QcowDisk(Disk):
                              f"{cluster_size}")
         name = b""
         if backing is not None:
-            name = os.fsencode(backing)
+            name = os.fsencode(backing.name)
             if len(name) > MAX_BACKING_NAME or b"\0" in name:
-                raise UsageError(f"backing file name {backing!r} is too long "
-                                 "for qcow")
+                raise UsageError(f"backing file name {backing.name!r} is too "
+                                 "long for qcow")
             # qcow records no backing format: the backing file will be
-            # probed, so it must probe as what the caller says it is.
-            target = os.path.join(os.path.dirname(os.path.abspath(path)),
-                                  backing)
-            found = probe(target) or "raw"
-            if backing_fmt is not None and backing_fmt != found:
+            # probed, so it must probe as what the caller says it is (the
+            # opener opened it so, probing when not told).
+            if backing.probed_as != backing.format:
                 raise UsageError(f"qcow cannot record a backing format, and "
-                                 f"{backing!r} would be read as {found}, not "
-                                 f"{backing_fmt}")
+                                 f"{backing.name!r} would be read as "
+                                 f"{backing.probed_as}, not {backing.format}")
         l1_offset = _align_up(HEADER.size + len(name), 8)
         header = HEADER.pack(
             magic=QCOW_MAGIC, version=QCOW_VERSION,
@@ -346,9 +340,9 @@ class QcowDisk(Disk):
 
     def _segments(self, offset, length):
         """[(guest offset, length, kind, where)] covering the range, in
-        order: PLAIN where = host offset (runs merged while the host
+        order: DATA where = host offset (runs merged while the host
         offsets continue); COMPRESSED where = (entry, offset in cluster),
-        one cluster each; UNALLOCATED where = None.  Lock held."""
+        one cluster each; BACKING where = None.  Lock held."""
         bits = self.geo.cluster_bits
         mask = (1 << self.geo.l2_bits) - 1
         span = bits + self.geo.l2_bits
@@ -359,7 +353,7 @@ class QcowDisk(Disk):
             table_end = min(end, (l1_index + 1) << span)
             l2_offset = self._l1[l1_index]
             if not l2_offset:
-                self._add(out, pos, table_end - pos, UNALLOCATED, None)
+                self._add(out, pos, table_end - pos, BACKING, None)
                 pos = table_end
                 continue
             table = self._table(l2_offset)
@@ -369,11 +363,11 @@ class QcowDisk(Disk):
                 entry = table[cluster & mask]
                 inside = pos - (cluster << bits)
                 if not entry:
-                    self._add(out, pos, stop - pos, UNALLOCATED, None)
+                    self._add(out, pos, stop - pos, BACKING, None)
                 elif entry & QCOW_OFLAG_COMPRESSED:
                     out.append((pos, stop - pos, COMPRESSED, (entry, inside)))
                 else:
-                    self._add(out, pos, stop - pos, PLAIN, entry + inside)
+                    self._add(out, pos, stop - pos, DATA, entry + inside)
                 pos = stop
         return out
 
@@ -382,7 +376,7 @@ class QcowDisk(Disk):
         if out:
             last_pos, last_len, last_kind, last_where = out[-1]
             if last_kind == kind and (
-                    kind == UNALLOCATED or last_where + last_len == where):
+                    kind == BACKING or last_where + last_len == where):
                 out[-1] = (last_pos, last_len + length, kind, last_where)
                 return
         out.append((pos, length, kind, where))
@@ -392,16 +386,10 @@ class QcowDisk(Disk):
             segments = self._segments(offset, count)
         runs = []
         for pos, length, kind, where in segments:
-            if kind == PLAIN:
-                runs.append(Run(pos, length, True, False, True, 0,
-                                (self.path, where)))
+            if kind == DATA:
+                add_run(runs, Run(pos, length, DATA, host=(self.path, where)))
             elif kind == COMPRESSED:
-                last = runs[-1] if runs else None
-                if last and last.depth == 0 and last.data and \
-                        last.host is None:
-                    runs[-1] = last._replace(length=last.length + length)
-                else:
-                    runs.append(Run(pos, length, True, False, True, 0, None))
+                add_run(runs, Run(pos, length, COMPRESSED))
             else:
                 runs += self.map_backing(length, pos)
         return runs
@@ -409,7 +397,6 @@ class QcowDisk(Disk):
     # --- reads --------------------------------------------------------
 
     def pread(self, buf, offset):
-        self.check_request(len(buf), offset)
         with self._lock:
             segments = self._segments(offset, len(buf))
         self._read_segments(memoryview(buf), offset, segments)
@@ -417,7 +404,7 @@ class QcowDisk(Disk):
     def _read_segments(self, view, base, segments):
         for pos, length, kind, where in segments:
             part = view[pos - base:pos - base + length]
-            if kind == PLAIN:
+            if kind == DATA:
                 self.file.pread(part, where)
             elif kind == COMPRESSED:
                 entry, inside = where
@@ -446,11 +433,11 @@ class QcowDisk(Disk):
     # --- writes -------------------------------------------------------
 
     def pwrite(self, buf, offset, fua=False):
-        self.check_request(len(buf), offset, write=True)
+        self.check_writable()
         view = memoryview(buf)
         with self._lock:
             segments = self._segments(offset, len(view))
-            if any(kind != PLAIN for _, _, kind, _ in segments):
+            if any(kind != DATA for _, _, kind, _ in segments):
                 self._write_allocating(view, offset, segments)
                 segments = ()
         for pos, length, _, host in segments:
@@ -465,7 +452,7 @@ class QcowDisk(Disk):
         bits, size = self.geo.cluster_bits, self.cluster_size
         fresh = []
         for pos, length, kind, host in segments:
-            if kind == PLAIN:
+            if kind == DATA:
                 self.file.pwrite(view[pos - offset:pos - offset + length],
                                  host)
             else:
@@ -549,7 +536,7 @@ class QcowDisk(Disk):
     def trim(self, count, offset, fua=False):
         """Unmap the whole clusters in the range (they then read from the
         backing file, or as zeros) and punch their space."""
-        self.check_request(count, offset, write=True)
+        self.check_writable()
         bits = self.geo.cluster_bits
         end = offset + count
         first = -(-offset >> bits)
@@ -588,17 +575,17 @@ class QcowDisk(Disk):
         """Plain clusters are punched in place (still allocated, reading
         zeros); unallocated ones already read zeros unless a backing file
         shows through; the rest gets zeros written."""
-        self.check_request(count, offset, write=True)
+        self.check_writable()
         with self._lock:
             segments = self._segments(offset, count)
         for pos, length, kind, where in segments:
-            if kind == PLAIN:
+            if kind == DATA:
                 try:
                     self.file.punch(where, length)
                 except OSError:
                     self.file.write_zeroes(where, length)
                 continue
-            if kind == UNALLOCATED and (self.backing is None or
+            if kind == BACKING and (self.backing is None or
                                         pos >= self.backing.size):
                 continue
             zeros = bytes(min(length, 1 << 20))
@@ -609,19 +596,12 @@ class QcowDisk(Disk):
 
     # --- checks -------------------------------------------------------
 
-    def check_request(self, count, offset, write=False):
-        if write and self._broken:
-            self.check_writable()
-            raise CorruptImage(self.path, FORMAT, "refusing writes: "
-                               + self._broken)
-        super().check_request(count, offset, write)
-
     def _corrupt(self, reason, field):
         """Inconsistent metadata met while serving: refuse writes from now
         on and fail this request (the caller reports the error)."""
-        if self._broken is None:
-            self._broken = f"{field}: {reason}"
-        raise CorruptImage(self.path, FORMAT, reason, field)
+        error = CorruptImage(self.path, FORMAT, reason, field)
+        self.stop_writing(error)
+        raise error
 
     @classmethod
     def check(cls, path, ctx, repair=None):
@@ -748,3 +728,9 @@ class _Space:
                     runs.append((start, length))
             pos = hole
         return runs
+
+
+SPEC = FormatSpec(FORMAT, open=QcowDisk.open, probe=QcowDisk.probe,
+                  create=QcowDisk.create,
+                  create_options={"cluster_size": options.size(4096)},
+                  backing=True, check=QcowDisk.check)

@@ -19,6 +19,7 @@ file's data window.
 import os
 import re
 
+from nbdplug.disk import FormatSpec
 from nbdplug.errors import CorruptImage, UnsupportedFeature, UsageError
 from nbdplug.hostfile import HostFile
 from nbdplug.layout import Layout
@@ -105,8 +106,7 @@ class _Window:
 class RamDisk(RawDisk):
     format_name = FORMAT
     can_multi_conn = True   # nothing cached: every opener sees one memory
-    path_for = staticmethod(path_for)       # the opener resolves ram:NAME
-    resize = None           # servers map its fixed size (see resize_image)
+    host_base = DATA_OFFSET
 
     def __init__(self, file, size, readonly):
         super().__init__(_Window(file, size), readonly)
@@ -134,13 +134,8 @@ class RamDisk(RawDisk):
             file.close()
             raise
 
-    @classmethod
-    def create(cls, path, size, options, backing=None, backing_fmt=None):
-        if backing is not None:
-            raise UsageError("a RAM disk has no backing file")
-        if options:
-            raise UsageError("ram takes no -o options: "
-                             + ",".join(sorted(options)))
+    @staticmethod
+    def create(path, size, opts, backing=None):
         size = -(-size // 512) * 512
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         file = HostFile(path, readonly=False, create=True)
@@ -154,6 +149,7 @@ class RamDisk(RawDisk):
         finally:
             file.close()
 
-    def map(self, count, offset):
-        return [run._replace(host=(self.path, DATA_OFFSET + run.host[1]))
-                for run in super().map(count, offset)]
+
+# Not resizable: servers have its fixed size mapped.
+SPEC = FormatSpec(FORMAT, open=RamDisk.open, probe=RamDisk.probe,
+                  create=RamDisk.create)

@@ -7,8 +7,8 @@ to writing zeros; flush is fdatasync.
 
 import errno
 
-from nbdplug.disk import Disk, Run
-from nbdplug.errors import UnsupportedFeature, UsageError
+from nbdplug.disk import DATA, ZERO, Disk, FormatSpec, HostRange, Run
+from nbdplug.errors import UnsupportedFeature
 from nbdplug.hostfile import DIRECT_ALIGN
 
 _UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV)
@@ -18,6 +18,7 @@ class RawDisk(Disk):
     format_name = "raw"
     can_trim = True
     can_zero = True
+    host_base = 0           # file offset of guest byte 0
 
     def __init__(self, file, readonly):
         super().__init__(file.path, file.size(), readonly)
@@ -31,22 +32,13 @@ class RawDisk(Disk):
     def open(cls, path, readonly, ctx):
         return cls(ctx.open_file(path, readonly), readonly)
 
-    @classmethod
-    def probe(cls, file):
-        return False    # raw is never chosen by probing: see opener
-
-    @classmethod
-    def create(cls, path, size, options, backing=None, backing_fmt=None):
-        if backing is not None:
-            raise UsageError("raw images have no backing file")
-        if options:
-            raise UsageError("raw takes no -o options: "
-                             + ",".join(sorted(options)))
+    @staticmethod
+    def create(path, size, opts, backing=None):
         with open(path, "xb") as f:
             f.truncate(size)
 
-    @classmethod
-    def resize(cls, disk, size, shrink=False):
+    @staticmethod
+    def resize(disk, size, shrink=False):
         """Grow (sparse) or cut the open image's file (resize_image has
         checked that a cut was asked for)."""
         if disk.file.is_block:
@@ -57,7 +49,7 @@ class RawDisk(Disk):
         disk.size = size
 
     def pwrite(self, buf, offset, fua=False):
-        self.check_request(len(buf), offset, write=True)
+        self.check_writable()
         self.file.pwrite(buf, offset)
         if fua:
             self.file.flush()
@@ -66,7 +58,7 @@ class RawDisk(Disk):
         self.file.flush()
 
     def trim(self, count, offset, fua=False):
-        self.check_request(count, offset, write=True)
+        self.check_writable()
         try:
             self.file.punch(offset, count)
         except OSError as e:
@@ -77,7 +69,7 @@ class RawDisk(Disk):
             self.file.flush()
 
     def zero(self, count, offset, may_trim=False, fua=False):
-        self.check_request(count, offset, write=True)
+        self.check_writable()
         attempts = ([self.file.punch] if may_trim else []) + \
             [self.file.zero_range]
         for attempt in attempts:
@@ -95,26 +87,36 @@ class RawDisk(Disk):
     def map(self, count, offset):
         end = offset + count
         if self.file.is_block:
-            return [Run(offset, count, True, False, True, 0,
-                        (self.path, offset))]
+            return [Run(offset, count, DATA,
+                        host=(self.path, self.host_base + offset))]
         runs = []
         pos = offset
         while pos < end:
             data = self.file.next_data(pos)
             if data > pos:              # a hole up to the next data
                 stop = min(data, end)
-                runs.append(Run(pos, stop - pos, True, True, False, 0,
-                                (self.path, pos)))
+                runs.append(Run(pos, stop - pos, ZERO,
+                                host=(self.path, self.host_base + pos)))
                 pos = stop
                 continue
             stop = min(self.file.next_hole(pos), end)
-            runs.append(Run(pos, stop - pos, True, False, True, 0,
-                            (self.path, pos)))
+            runs.append(Run(pos, stop - pos, DATA,
+                            host=(self.path, self.host_base + pos)))
             pos = stop
         return runs
+
+    def host_mapping(self, count, offset):
+        """All of it: every guest byte sits at its own place in the file
+        and may be overwritten there."""
+        return [HostRange(offset, count, self.path, self.host_base + offset)]
 
     def info(self):
         return {}
 
     def close(self):
         self.file.close()
+
+
+# Never chosen by probing (no probe): see the opener.
+SPEC = FormatSpec("raw", open=RawDisk.open, create=RawDisk.create,
+                  resize=RawDisk.resize)

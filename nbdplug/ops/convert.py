@@ -20,7 +20,10 @@ import sys
 from nbdplug.disk import MiB
 from nbdplug.errors import UsageError
 from nbdplug.hostfile import DeferredFlushFile
-from nbdplug.opener import FORMATS, create_image, open_image
+from nbdplug.formats import FORMATS
+from nbdplug.opener import check_format, open_image
+
+from .create import create_image
 
 WINDOW = 4 * MiB    # the unit read ahead, mapped and written
 DEPTH = 8           # windows in flight: bounds memory to DEPTH * WINDOW
@@ -40,10 +43,11 @@ def convert(src_path, dst_path, out_fmt, src_fmt=None, options=None,
 
     `backing`: the new image gets this backing file, and ranges the
     source's top layer does not allocate are left to it (qemu-img -B).
-    `compress`: compressed writes, for drivers with `can_compress`.
+    `compress`: compressed writes, for formats that declare them.
     `progress`: show a progress bar on stderr.
     """
-    if compress and not getattr(FORMATS.get(out_fmt), "can_compress", False):
+    check_format(out_fmt)
+    if compress and not FORMATS[out_fmt].compress:
         raise UsageError(f"format {out_fmt!r} does not support compression")
     with open_image(src_path, src_fmt, readonly=True, policy=policy,
                     share=share) as src:
@@ -95,7 +99,7 @@ def copy(src, dst, keep_backing=False, progress=None):
     """Copy `src` onto `dst`, a Disk at least as large that reads as
     zeros (or as its backing file, when `keep_backing`)."""
     zero_target = ZERO if keep_backing else SKIP
-    granule = max(MIN_GRANULE, getattr(dst, "cluster_size", None) or 0)
+    granule = max(MIN_GRANULE, dst.cluster_size or 0)
     zeros = bytes(granule)
     with concurrent.futures.ThreadPoolExecutor(READERS) as pool:
         pending = collections.deque()

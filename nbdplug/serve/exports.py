@@ -31,6 +31,7 @@ import re
 import threading
 
 from nbdplug.errors import UsageError
+from nbdplug.options import parse_bool
 
 # NBD export names are at most 4096 bytes (NBD protocol, "Export name").
 MAX_NAME = 4096
@@ -74,15 +75,6 @@ class ExportError(UsageError):
     def __init__(self, message, code):
         super().__init__(message)
         self.errno = code
-
-
-def parse_bool(key, value):
-    v = value.strip().lower()
-    if v in ("1", "true", "yes", "on"):
-        return True
-    if v in ("0", "false", "no", "off"):
-        return False
-    raise UsageError(f"{key}={value}: expected true or false")
 
 
 def parse_limit(key, value):

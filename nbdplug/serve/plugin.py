@@ -35,7 +35,8 @@ from nbdplug.errors import UsageError  # noqa: E402
 from nbdplug.opener import open_image  # noqa: E402
 from nbdplug.policy import OpenPolicy  # noqa: E402
 from nbdplug.serve import connections  # noqa: E402
-from nbdplug.serve.exports import ExportTable, parse_bool  # noqa: E402
+from nbdplug.options import parse_bool  # noqa: E402
+from nbdplug.serve.exports import ExportTable  # noqa: E402
 
 API_VERSION = 2
 

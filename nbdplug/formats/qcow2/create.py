@@ -8,33 +8,27 @@ then (with preallocation=metadata) L2 tables and data clusters.
 import os
 import struct
 
+from nbdplug import options
 from nbdplug.errors import UsageError
 from nbdplug.hostfile import HostFile
 from nbdplug.layout import be64_bytes
 from . import structs as S
 
-OPTIONS = ("cluster_size", "compat", "refcount_bits", "extended_l2",
-           "preallocation", "compression_type", "lazy_refcounts")
+OPTIONS = {
+    "cluster_size": options.size(65536),
+    "compat": options.choice(3, {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}),
+    "refcount_bits": options.integer(16),
+    "extended_l2": options.boolean(),
+    "preallocation": options.choice("off", ("off", "metadata")),
+    "compression_type": options.choice("zlib", ("zlib", "zstd")),
+    "lazy_refcounts": options.boolean(),
+}
 
 
-def _bool(key, value):
-    if value in ("on", "true", "yes", "1"):
-        return True
-    if value in ("off", "false", "no", "0"):
-        return False
-    raise UsageError(f"-o {key}={value}: expected on or off")
-
-
-def parse_options(options):
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise UsageError("unknown qcow2 option(s): " + ", ".join(unknown) +
-                         " (known: " + ", ".join(OPTIONS) + ")")
-    try:
-        cluster_size = int(options.get("cluster_size", 65536))
-        refcount_bits = int(options.get("refcount_bits", 16))
-    except ValueError:
-        raise UsageError("-o cluster_size and refcount_bits take numbers")
+def _geometry(opts):
+    """The create options (parsed) checked against each other."""
+    cluster_size = opts["cluster_size"]
+    refcount_bits = opts["refcount_bits"]
     if cluster_size & (cluster_size - 1) or \
             not 1 << S.MIN_CLUSTER_BITS <= cluster_size <= \
             1 << S.MAX_CLUSTER_BITS:
@@ -43,18 +37,11 @@ def parse_options(options):
     if refcount_bits & (refcount_bits - 1) or not 1 <= refcount_bits <= 64:
         raise UsageError(f"-o refcount_bits={refcount_bits}: a power of "
                          "two from 1 to 64")
-    compat = options.get("compat", "1.1")
-    version = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}.get(compat)
-    if version is None:
-        raise UsageError(f"-o compat={compat}: 0.10 or 1.1")
-    extended = _bool("extended_l2", options.get("extended_l2", "off"))
-    prealloc = options.get("preallocation", "off")
-    if prealloc not in ("off", "metadata"):
-        raise UsageError(f"-o preallocation={prealloc}: off or metadata")
-    ctype = options.get("compression_type", "zlib")
-    if ctype not in ("zlib", "zstd"):
-        raise UsageError(f"-o compression_type={ctype}: zlib or zstd")
-    if _bool("lazy_refcounts", options.get("lazy_refcounts", "off")):
+    version = opts["compat"]
+    extended = opts["extended_l2"]
+    prealloc = opts["preallocation"]
+    ctype = opts["compression_type"]
+    if opts["lazy_refcounts"]:
         raise UsageError("-o lazy_refcounts=on is not supported")
     if version == 2 and (refcount_bits != 16 or extended or ctype != "zlib"):
         raise UsageError("compat=0.10 needs refcount_bits=16, no "
@@ -67,8 +54,10 @@ def parse_options(options):
                 zstd=ctype == "zstd")
 
 
-def create(path, size, options, backing=None, backing_fmt=None):
-    o = parse_options(options)
+def create(path, size, opts, backing=None):
+    """A new image; `opts` parsed from OPTIONS, `backing` an
+    nbdplug.disk.Backing or None."""
+    o = _geometry(opts)
     if size % 512:
         raise UsageError(f"image size {size} is not a multiple of 512")
     cs = o["cluster_size"]
@@ -80,8 +69,9 @@ def create(path, size, options, backing=None, backing_fmt=None):
     l1_clusters = max(1, -(-l1_entries * 8 // cs))
     per_block = cs * 8 // o["refcount_bits"]
 
-    header = _header_cluster(o, size, cs, cb, l1_entries, backing,
-                             backing_fmt)
+    header = _header_cluster(o, size, cs, cb, l1_entries,
+                             backing and backing.name,
+                             backing and backing.format)
     prealloc_clusters = (l1_entries + guest_clusters) if o["prealloc"] \
         else 0
     # Refcount blocks and table must cover every cluster, themselves too.

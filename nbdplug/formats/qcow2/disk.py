@@ -15,16 +15,16 @@ older I/O may still touch them wait for that I/O before reuse.
 
 import errno
 import struct
-import sys
 import threading
 
-from nbdplug.disk import Disk, Run
+from nbdplug.disk import BACKING, COMPRESSED, DATA, ZERO, Disk, Run
 from nbdplug.errors import CorruptImage, UsageError
 from nbdplug.layout import be64_bytes
 from . import bitmaps, structs as S
+from .check import check
 from .compress import compress, decompress
 from .header import read_header
-from .mapping import COMPRESSED, NORMAL, UNALLOCATED, ZERO, Mapping
+from .mapping import Mapping
 from .refcount import Refcounts
 from .snapshot import find, read_snapshots
 
@@ -36,7 +36,6 @@ class Qcow2Disk(Disk):
     format_name = FMT
     can_trim = True
     can_zero = True
-    can_compress = True
 
     def __init__(self, file, geo, readonly, path, snapshots, snapshot=None):
         size = geo.size
@@ -90,7 +89,7 @@ class Qcow2Disk(Disk):
                 # Refcounts may be stale (lazy refcounts, unclean
                 # shutdown): rebuild them from the tables first.
                 file.close()
-                cls.check(path, ctx, "all")
+                check(path, ctx, "all")
                 file = ctx.open_file(path, readonly)
                 geo = read_header(file, path)
             if not readonly and geo.incompatible_features & \
@@ -124,37 +123,11 @@ class Qcow2Disk(Disk):
         return head[:4] == struct.pack(">I", S.MAGIC) and \
             struct.unpack(">I", head[4:8])[0] in (2, 3)
 
-    @classmethod
-    def create(cls, path, size, options, backing=None, backing_fmt=None):
-        from .create import create
-        create(path, size, options, backing, backing_fmt)
-
-    @classmethod
-    def check(cls, path, ctx, repair=None):
-        from .check import check
-        return check(path, ctx, repair)
-
-    @classmethod
-    def resize(cls, disk, size, shrink=False):
-        from .resize import resize
-        resize(disk, size, shrink)
-
-    @classmethod
-    def rebase(cls, disk, backing, backing_fmt, new=None, copy=None):
-        """Record `backing` (None: none) of `backing_fmt` in the header of
-        `disk`, opened writable; `copy` (safe rebase's data step) runs
-        once the new reference is known to fit, before it is written.
-        `new`, the new backing Disk, is not needed here."""
-        from .rebase import rewrite_backing
-        disk.check_writable()
-        rewrite_backing(disk.file, disk.path, backing, backing_fmt, copy)
-        disk.backing_name = backing
-
     # --- mapping walk ----------------------------------------------------
 
     def _runs(self, offset, length):
         """[guest offset, length, kind, host] runs, merged where adjacent
-        granules agree (NORMAL: contiguous host; COMPRESSED: one cluster).
+        granules agree (DATA: contiguous host; COMPRESSED: one cluster).
         Caller holds the lock."""
         runs = []
         cb, g = self.cluster_bits, self.granule
@@ -171,13 +144,13 @@ class Qcow2Disk(Disk):
                 stop = min(base + (gi + 1) * (g if len(kinds) > 1
                                               else self.cluster_size), end)
                 n = stop - pos
-                if kind == NORMAL:
+                if kind == DATA:
                     host += pos - base - gi * (g if len(kinds) > 1 else 0)
                 if runs:
                     last = runs[-1]
                     if last[2] == kind and (
-                            kind in (ZERO, UNALLOCATED) or
-                            (kind == NORMAL and last[3] + last[1] == host) or
+                            kind in (ZERO, BACKING) or
+                            (kind == DATA and last[3] + last[1] == host) or
                             (kind == COMPRESSED and last[3] == host and
                              last[0] >> cb == cluster)):
                         last[1] += n
@@ -240,11 +213,11 @@ class Qcow2Disk(Disk):
         `offset`); no lock held."""
         for goff, n, kind, host in runs:
             part = buf[goff - offset:goff - offset + n]
-            if kind == NORMAL:
+            if kind == DATA:
                 self.file.pread(part, host)
             elif kind == ZERO:
                 part[:] = bytes(n)
-            elif kind == UNALLOCATED:
+            elif kind == BACKING:
                 self.read_backing(part, goff)
             else:
                 data = self._decompressed(host)
@@ -285,7 +258,7 @@ class Qcow2Disk(Disk):
         self.prepared = True
 
     def pwrite(self, buf, offset, fua=False):
-        self.check_request(len(buf), offset, write=True)
+        self.check_writable()
         data = memoryview(buf)
         try:
             with self.lock:
@@ -304,7 +277,7 @@ class Qcow2Disk(Disk):
             if fua:
                 self.flush()
         except CorruptImage as e:
-            self._corrupted(e)
+            self.stop_writing(e)
             raise
 
     def _write(self, data, offset):
@@ -540,13 +513,13 @@ class Qcow2Disk(Disk):
     # --- zeroing and discard ----------------------------------------------
 
     def zero(self, count, offset, may_trim=False, fua=False):
-        self.check_request(count, offset, write=True)
+        self.check_writable()
         try:
             self._zero(count, offset, may_trim)
             if fua:
                 self.flush()
         except CorruptImage as e:
-            self._corrupted(e)
+            self.stop_writing(e)
             raise
 
     def _zero(self, count, offset, may_trim):
@@ -572,7 +545,7 @@ class Qcow2Disk(Disk):
             count -= n
 
     def trim(self, count, offset, fua=False):
-        self.check_request(count, offset, write=True)
+        self.check_writable()
         cs = self.cluster_size
         start = -(-offset // cs) * cs
         end = (offset + count) // cs * cs
@@ -582,7 +555,7 @@ class Qcow2Disk(Disk):
             if fua:
                 self.flush()
         except CorruptImage as e:
-            self._corrupted(e)
+            self.stop_writing(e)
             raise
 
     def _set_clusters(self, start, end, zero, keep):
@@ -690,14 +663,9 @@ class Qcow2Disk(Disk):
                                errno.EINVAL):
                 raise
 
-    def _corrupted(self, error):
-        """Metadata found inconsistent while writing: mark the image
-        corrupt (as qemu does) and refuse further writes."""
-        if self.readonly:
-            return
-        self.readonly = True
-        print(f"nbdplug: {error}; image marked corrupt, now read-only",
-              file=sys.stderr)
+    def mark_corrupt(self):
+        """The corrupt bit, as qemu sets it on finding inconsistent
+        metadata (v3 only; v2 has no such bit)."""
         if self.geo.version >= 3:
             pos = S.HEADER_V3.offset("incompatible_features")
             features = self.geo.incompatible_features | S.INCOMPAT_CORRUPT
@@ -714,15 +682,14 @@ class Qcow2Disk(Disk):
             runs = self._runs(offset, count)
         out = []
         for goff, n, kind, host in runs:
-            if kind == NORMAL:
-                out.append(Run(goff, n, True, False, True, 0,
-                               (self.path, host)))
+            if kind == DATA:
+                out.append(Run(goff, n, DATA, host=(self.path, host)))
             elif kind == ZERO:
-                out.append(Run(goff, n, True, True, False, 0,
-                               (self.path, host) if host and
+                out.append(Run(goff, n, ZERO,
+                               host=(self.path, host) if host and
                                not self.extended else None))
             elif kind == COMPRESSED:
-                out.append(Run(goff, n, True, False, True, 0, None))
+                out.append(Run(goff, n, COMPRESSED))
             else:
                 out.extend(self.map_backing(n, goff))
         return out

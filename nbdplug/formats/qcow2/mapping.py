@@ -9,6 +9,7 @@ import array
 import collections
 import struct
 
+from nbdplug.disk import BACKING, COMPRESSED, DATA, ZERO
 from nbdplug.errors import CorruptImage
 from . import structs as S
 from .refcount import load_table
@@ -16,15 +17,13 @@ from .refcount import load_table
 FMT = "qcow2"
 L2_CACHE_BYTES = 32 << 20
 
-# What a guest (sub)cluster holds.
 # An entry is owned plain data when of these bits only COPIED is set.
 _NOT_OWNED_PLAIN = S.QCOW_OFLAG_COPIED | S.QCOW_OFLAG_COMPRESSED | \
     S.QCOW_OFLAG_ZERO
 
-UNALLOCATED = 0     # read from the backing image, else zeros
-ZERO = 1            # reads as zeros (host may hold a preallocation)
-NORMAL = 2          # stored plainly at a host offset
-COMPRESSED = 3      # compressed data at a host offset
+# What a guest (sub)cluster holds, in nbdplug.disk's kinds: BACKING, ZERO
+# (the host may hold a preallocation), DATA (plainly at a host offset) or
+# COMPRESSED (at a host offset).
 
 
 class Mapping:
@@ -228,14 +227,14 @@ class Mapping:
         if not self.extended:
             if entry & S.QCOW_OFLAG_ZERO:
                 return [(ZERO, host)]
-            return [(NORMAL, host)] if host else [(UNALLOCATED, 0)]
+            return [(DATA, host)] if host else [(BACKING, 0)]
         sub = self.cluster_size // S.SUBCLUSTERS
         out = []
         for sc in range(S.SUBCLUSTERS):
             if bitmap >> sc & 1:
-                out.append((NORMAL, host + sc * sub))
+                out.append((DATA, host + sc * sub))
             elif bitmap >> (32 + sc) & 1:
                 out.append((ZERO, 0))
             else:
-                out.append((UNALLOCATED, 0))
+                out.append((BACKING, 0))
         return out

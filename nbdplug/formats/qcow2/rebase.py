@@ -92,3 +92,13 @@ def _first_cluster(header, extensions, name, cs):
     struct.pack_into(">QI", buf, S.HEADER_V2.offset("backing_file_offset"),
                      pos if name else 0, len(name))
     return bytes(buf)
+
+
+def rebase(disk, backing, backing_fmt, new=None, copy=None):
+    """Record `backing` (None: none) of `backing_fmt` in the header of
+    `disk`, opened writable; `copy` (safe rebase's data step) runs once
+    the new reference is known to fit, before it is written.  `new`, the
+    new backing Disk, is not needed here."""
+    disk.check_writable()
+    rewrite_backing(disk.file, disk.path, backing, backing_fmt, copy)
+    disk.backing_name = backing

@@ -22,6 +22,13 @@ file without its footer: the copy at offset 0, which never changes,
 stands in (the specification keeps it for that), and a writable open or
 `check -r leaks` puts the footer back."""
 
+from nbdplug.disk import FormatSpec
+
+from . import create, rebase
 from .disk import VhdDisk
 
-__all__ = ["VhdDisk"]
+SPEC = FormatSpec("vpc", open=VhdDisk.open, probe=VhdDisk.probe,
+                  create=create.create, create_options=create.OPTIONS,
+                  backing=True, check=VhdDisk.check, rebase=rebase.rebase)
+
+__all__ = ["VhdDisk", "SPEC"]

@@ -1,5 +1,4 @@
-"""Sector bitmaps as integers whose bit i is sector i, shared by VHD and
-VHDX."""
+"""VHD sector bitmaps as integers whose bit i is sector i."""
 
 # Bit order reversed within each byte: VHD numbers a bitmap's bits from the
 # most significant, VHDX from the least.
@@ -19,17 +18,3 @@ def raw_bitmap(bits, size):
 def span_bits(first, last):
     """Bits first .. last - 1 set."""
     return ((1 << (last - first)) - 1) << first
-
-
-def bit_runs(bits, first, last):
-    """(start, end, present) runs of equal bits of the int `bits` in
-    [first, last)."""
-    i = first
-    while i < last:
-        present = bool(bits >> i & 1)
-        # The run ends at the first bit that differs: the lowest set bit
-        # of the rest, complemented when the run is of ones.
-        rest = ~(bits >> i) if present else bits >> i
-        j = min(last, i + (rest & -rest).bit_length() - 1) if rest else last
-        yield i, j, present
-        i = j

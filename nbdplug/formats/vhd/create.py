@@ -6,6 +6,7 @@ import time
 import urllib.parse
 import uuid
 
+from nbdplug import options
 from nbdplug.errors import UsageError
 from nbdplug.hostfile import HostFile
 from .header import validate
@@ -17,15 +18,10 @@ from .structs import (COOKIE, CREATOR_APPLICATION, DEFAULT_BLOCK_SIZE,
                       checksum, round_up)
 
 
-def _block_size_option(text):
-    if text is None:
-        return DEFAULT_BLOCK_SIZE
-    from nbdplug.cli import parse_size
-    bs = parse_size(text)
-    if bs & (bs - 1) or not MIN_BLOCK_SIZE <= bs <= MAX_BLOCK_SIZE:
-        raise UsageError(f"block_size {text}: a power of two from "
-                         f"{MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE // MiB}M")
-    return bs
+OPTIONS = {
+    "subformat": options.choice("dynamic", ("dynamic", "fixed")),
+    "block_size": options.size(DEFAULT_BLOCK_SIZE),
+}
 
 
 def chs_geometry(size):
@@ -144,17 +140,14 @@ def _dynamic_layout(size, block_size, footer, parent):
                      bytes(locator_data), bat, footer])
 
 
-def create(path, size, options, backing=None, backing_fmt=None):
-    """Write a new fixed, dynamic or differencing VHD."""
-    opts = dict(options)
-    subformat = opts.pop("subformat", "dynamic")
-    block_size = _block_size_option(opts.pop("block_size", None))
-    if opts:
-        raise UsageError("vpc does not take -o "
-                         + ",".join(sorted(opts)))
-    if subformat not in ("fixed", "dynamic"):
-        raise UsageError(f"subformat {subformat!r}: expected fixed or "
-                         "dynamic")
+def create(path, size, opts, backing=None):
+    """Write a new fixed, dynamic or differencing VHD; `opts` parsed from
+    OPTIONS, `backing` an nbdplug.disk.Backing or None."""
+    subformat, block_size = opts["subformat"], opts["block_size"]
+    if block_size & (block_size - 1) or \
+            not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE:
+        raise UsageError(f"block_size {block_size}: a power of two from "
+                         f"{MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE // MiB}M")
     if size % SECTOR or size > MAX_SIZE:
         raise UsageError(f"size {size}: a VHD is a whole number of "
                          "512-byte sectors, at most 2040 GiB")
@@ -162,10 +155,10 @@ def create(path, size, options, backing=None, backing_fmt=None):
     if backing is not None:
         if subformat == "fixed":
             raise UsageError("a fixed VHD cannot have a parent")
-        if backing_fmt not in (None, FMT):
+        if backing.format != FMT:
             raise UsageError(f"the parent of a differencing VHD must be "
-                             f"a VHD, not {backing_fmt}")
-        parent = parent_facts(path, backing)
+                             f"a VHD, not {backing.format}")
+        parent = parent_facts(path, backing.name)
         if size != parent["size"]:
             raise UsageError(f"size {size} differs from the parent's "
                              f"{parent['size']}")

@@ -4,13 +4,11 @@ import threading
 import uuid
 
 from nbdplug.report import CheckReport
-from nbdplug.disk import Disk
+from nbdplug.disk import BACKING, DATA, ZERO, Disk, Run, add_run
 from nbdplug.errors import CorruptImage, ImageError
-from .bitmaps import bit_runs, bits_of, raw_bitmap, span_bits
-from .create import create
+from .bitmaps import bits_of, raw_bitmap, span_bits
 from .header import block_problems, locator_name, read_bat, validate
-from .layers import add_run, map_runs, open_parent, read_runs
-from .rebase import rebase
+from ..differencing import bit_runs, open_parent
 from .structs import (BAT_ENTRY, BITMAP_CACHE, COOKIE, DIFFERENCING, DYNAMIC,
                       FIXED, FMT, GRAIN, LOCATOR_CODES, MiB, PAGE, SECTOR,
                       SUBFORMATS, UNUSED, round_up)
@@ -90,17 +88,6 @@ class VhdDisk(Disk):
             "unique id", fallback)
         self.backing_name = self.geom.parent_name or name
 
-    @classmethod
-    def create(cls, path, size, options, backing=None, backing_fmt=None):
-        create(path, size, options, backing, backing_fmt)
-
-    @classmethod
-    def rebase(cls, disk, backing, backing_fmt, new=None, copy=None):
-        """Name `backing` (None: none), the VHD Disk `new`, as the parent
-        of `disk` (opened writable); `copy` (safe rebase's data step) runs
-        once the new header is known to be valid and to fit."""
-        rebase(disk, backing, backing_fmt, new, copy)
-
     def _bitmap(self, block, entry):
         """The block's sector bitmap (bitmaps.bits_of)."""
         bits = self._bitmaps.get(block)
@@ -124,10 +111,12 @@ class VhdDisk(Disk):
                    // SECTOR)
 
     def _runs(self, offset, length):
-        """Runs (see add_run) covering the range in order."""
+        """This layer's runs (DATA, and BACKING or, without a parent,
+        ZERO) covering the range in order."""
         if self.geom.disk_type == FIXED:
-            return [(offset, length, offset)]
+            return [Run(offset, length, DATA, host=(self.path, offset))]
         bs, bitmap_size = self.geom.block_size, self.geom.bitmap_size
+        absent = Run(0, 0, BACKING if self.backing is not None else ZERO)
         runs = []
         end = offset + length
         with self._lock:
@@ -136,7 +125,7 @@ class VhdDisk(Disk):
                 n = min(end - offset, bs - within)
                 entry = self.bat[block]
                 if entry == UNUSED:
-                    add_run(runs, offset, n, None)
+                    add_run(runs, absent._replace(offset=offset, length=n))
                     offset += n
                     continue
                 data = entry * SECTOR + bitmap_size
@@ -146,8 +135,11 @@ class VhdDisk(Disk):
                 for s, e, present in bit_runs(bits, first, last):
                     a = max(within, s * SECTOR)
                     b = min(within + n, e * SECTOR)
-                    add_run(runs, offset + a - within, b - a,
-                            data + a if present else None)
+                    run = Run(offset + a - within, b - a, DATA,
+                              host=(self.path, data + a)) if present else \
+                        absent._replace(offset=offset + a - within,
+                                        length=b - a)
+                    add_run(runs, run)
                 offset += n
         return runs
 
@@ -162,14 +154,13 @@ class VhdDisk(Disk):
                 self.file.pread(buf, self.bat[block] * SECTOR +
                                 geom.bitmap_size + within)
                 return
-        self.check_request(len(buf), offset)
-        read_runs(self, self.file, self._runs(offset, len(buf)), buf)
+        self.fill(buf, self._runs(offset, len(buf)), self.file)
 
     def map(self, count, offset):
-        return map_runs(self, self._runs(offset, count))
+        return self.resolve(self._runs(offset, count))
 
     def pwrite(self, buf, offset, fua=False):
-        self.check_request(len(buf), offset, write=True)
+        self.check_writable()
         with self._lock:
             self._write(memoryview(buf).cast("B"), offset)
             if fua:
@@ -262,14 +253,14 @@ class VhdDisk(Disk):
         self.file.flush()
 
     def trim(self, count, offset, fua=False):
-        self.check_request(count, offset, write=True)
+        self.check_writable()
         with self._lock:
             self._discard(count, offset)
             if fua:
                 self.file.flush()
 
     def zero(self, count, offset, may_trim=False, fua=False):
-        self.check_request(count, offset, write=True)
+        self.check_writable()
         with self._lock:
             end, grain = offset + count, self._grain
             start = round_up(offset, grain)

@@ -7,7 +7,7 @@ import sys
 import urllib.parse
 
 from nbdplug.errors import CorruptImage, UnsupportedFeature
-from .layers import windows_path
+from ..differencing import windows_path
 from .structs import (COOKIE, DIFFERENCING, DYNAMIC, DYNAMIC_COOKIE,
                       DYNAMIC_HEADER, FIXED, FMT, FOOTER, MACX,
                       MAX_BAT_ENTRIES, MAX_BLOCK_SIZE, MAX_LOCATOR_LENGTH,

@@ -4,6 +4,11 @@
     log.py   the metadata log, replayed in memory when an image needs it
 """
 
+from nbdplug.disk import FormatSpec
+
 from .disk import VhdxDisk
 
-__all__ = ["VhdxDisk"]
+SPEC = FormatSpec("vhdx", open=VhdxDisk.open, probe=VhdxDisk.probe,
+                  writable=False)
+
+__all__ = ["VhdxDisk", "SPEC"]

@@ -25,12 +25,10 @@ import sys
 import threading
 import uuid
 
-from nbdplug.disk import Disk
+from nbdplug.disk import BACKING, DATA, ZERO, Disk, Run, add_run
 from nbdplug.errors import CorruptImage, UnsupportedFeature
 from nbdplug.layout import Layout
-from nbdplug.formats.vhd.bitmaps import bit_runs
-from nbdplug.formats.vhd.layers import (ZERO, add_run, map_runs, open_parent,
-                                        read_runs, windows_path)
+from ..differencing import bit_runs, open_parent, windows_path
 from .log import checksum_ok, replay
 
 FMT = "vhdx"
@@ -437,9 +435,6 @@ class VhdxDisk(Disk):
             disk = cls(file, src, geom, read_bat(src, geom, path))
             if geom.has_parent:
                 disk._open_parent(ctx)
-            if not readonly:
-                raise UnsupportedFeature(path, FMT, "VHDX images are "
-                                         "read-only (open with --readonly)")
             return disk
         except BaseException:
             (disk or file).close()
@@ -478,9 +473,11 @@ class VhdxDisk(Disk):
         return bitmap
 
     def _runs(self, offset, length):
-        """Runs (see vhd.add_run) covering the range in order."""
+        """This layer's runs (DATA, ZERO, and BACKING or, without a
+        parent, ZERO) covering the range in order."""
         geom, runs = self.geom, []
         bs, lss = geom.block_size, geom.logical_sector_size
+        absent = BACKING if self.backing is not None else ZERO
         end = offset + length
         while offset < end:
             block, within = divmod(offset, bs)
@@ -488,29 +485,31 @@ class VhdxDisk(Disk):
             entry = self.bat[geom.bat_index(block)]
             state, data = entry & 7, (entry >> 20) * MiB
             if state == PAYLOAD_BLOCK_FULLY_PRESENT:
-                add_run(runs, offset, n, data + within)
+                add_run(runs, Run(offset, n, DATA,
+                                  host=(self.path, data + within)))
             elif state == PAYLOAD_BLOCK_PARTIALLY_PRESENT:
                 with self._lock:
                     bitmap = self._bitmap(block)
                 first, last = within // lss, -(-(within + n) // lss)
                 for s, e, present in bit_runs(bitmap, first, last):
                     a, b = max(within, s * lss), min(within + n, e * lss)
-                    add_run(runs, offset + a - within, b - a,
-                            data + a if present else None)
+                    add_run(runs, Run(offset + a - within, b - a, DATA,
+                                      host=(self.path, data + a))
+                            if present else
+                            Run(offset + a - within, b - a, absent))
             elif state == PAYLOAD_BLOCK_NOT_PRESENT:
-                add_run(runs, offset, n, None)
+                add_run(runs, Run(offset, n, absent))
             else:
                 # Zero, unmapped, undefined: zeros, as qemu reads them.
-                add_run(runs, offset, n, ZERO)
+                add_run(runs, Run(offset, n, ZERO))
             offset += n
         return runs
 
     def pread(self, buf, offset):
-        self.check_request(len(buf), offset)
-        read_runs(self, self.src, self._runs(offset, len(buf)), buf)
+        self.fill(buf, self._runs(offset, len(buf)), self.src)
 
     def map(self, count, offset):
-        return map_runs(self, self._runs(offset, count))
+        return self.resolve(self._runs(offset, count))
 
     def pwrite(self, buf, offset, fua=False):
         self.check_writable()

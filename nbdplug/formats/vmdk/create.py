@@ -15,6 +15,7 @@ the parent's CID, and names the parent as given.
 
 import os
 
+from nbdplug import options
 from nbdplug.errors import UsageError
 from . import descriptor
 from .descriptor import ExtentLine
@@ -26,7 +27,12 @@ from .structs import (COMPRESSION_DEFLATE, COMPRESSION_NONE, FLAG_COMPRESSED,
 SUBFORMATS = ("monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse",
               "twoGbMaxExtentFlat", "streamOptimized")
 ADAPTER_TYPES = ("ide", "buslogic", "lsilogic", "legacyESX")
-OPTIONS = ("subformat", "adapter_type", "hwversion", "zeroed_grain")
+OPTIONS = {
+    "subformat": options.choice("monolithicSparse", SUBFORMATS),
+    "adapter_type": options.choice("ide", ADAPTER_TYPES),
+    "hwversion": options.integer(4),
+    "zeroed_grain": options.boolean(),
+}
 
 GRAIN_SECTORS = 128             # 64 KiB, VMware's and qemu's grain
 GTES_PER_GT = 512
@@ -36,8 +42,12 @@ DESCRIPTOR_SECTORS = 20         # room for an embedded descriptor
 SPLIT_SECTORS = 4192256
 
 
-def create(path, size, options, backing=None, backing_fmt=None):
-    opts = _options(options)
+def create(path, size, opts, backing=None):
+    """A new image; `opts` parsed from OPTIONS, `backing` an
+    nbdplug.disk.Backing or None."""
+    if not 1 <= opts["hwversion"] <= 99:
+        raise UsageError(f"hwversion={opts['hwversion']}: expected a "
+                         "virtual hardware version, 1 to 99")
     subformat = opts["subformat"]
     sectors = -(-size // SECTOR)
     if sectors <= 0:
@@ -47,10 +57,13 @@ def create(path, size, options, backing=None, backing_fmt=None):
         if subformat not in ("monolithicSparse", "twoGbMaxExtentSparse"):
             raise UsageError(f"a {subformat} disk cannot have a parent; use "
                              "monolithicSparse or twoGbMaxExtentSparse")
-        if backing_fmt not in (None, "vmdk"):
+        if backing.format != "vmdk":
             raise UsageError(f"the parent of a VMDK disk must be VMDK, not "
-                             f"{backing_fmt}")
-        parent_cid = _parent_cid(path, backing)
+                             f"{backing.format}")
+        if backing.disk.cid is None:
+            raise UsageError(f"{backing.name}: the parent has no descriptor "
+                             "to take a CID from")
+        parent_cid = backing.disk.cid
     zeroed = opts["zeroed_grain"]
     if zeroed and subformat not in ("monolithicSparse",
                                     "twoGbMaxExtentSparse"):
@@ -64,7 +77,7 @@ def create(path, size, options, backing=None, backing_fmt=None):
 
     def text(lines):
         return descriptor.render(subformat, cid, lines, ddb, parent_cid,
-                                 backing)
+                                 backing and backing.name)
 
     created = []
     try:
@@ -103,32 +116,6 @@ def create(path, size, options, backing=None, backing_fmt=None):
         raise
 
 
-def _options(options):
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise UsageError(f"vmdk does not take -o {','.join(unknown)} "
-                         f"(known: {', '.join(OPTIONS)})")
-    opts = {"subformat": options.get("subformat", "monolithicSparse"),
-            "adapter_type": options.get("adapter_type", "ide"),
-            "hwversion": options.get("hwversion", "4"),
-            "zeroed_grain": options.get("zeroed_grain", "off")}
-    if opts["subformat"] not in SUBFORMATS:
-        raise UsageError(f"subformat={opts['subformat']}: expected one of "
-                         + ", ".join(SUBFORMATS))
-    if opts["adapter_type"] not in ADAPTER_TYPES:
-        raise UsageError(f"adapter_type={opts['adapter_type']}: expected "
-                         "one of " + ", ".join(ADAPTER_TYPES))
-    if not opts["hwversion"].isdigit() or not 1 <= int(opts["hwversion"]) \
-            <= 99:
-        raise UsageError(f"hwversion={opts['hwversion']}: expected a "
-                         "virtual hardware version, 1 to 99")
-    if opts["zeroed_grain"] not in ("on", "off"):
-        raise UsageError(f"zeroed_grain={opts['zeroed_grain']}: expected "
-                         "on or off")
-    opts["zeroed_grain"] = opts["zeroed_grain"] == "on"
-    return opts
-
-
 def _ddb(sectors, adapter_type, hwversion):
     """The disk database: BIOS geometry as VMware derives it (16 heads
     for IDE, 255 for SCSI adapters; 63 sectors per track; IDE cylinders
@@ -137,21 +124,11 @@ def _ddb(sectors, adapter_type, hwversion):
     cylinders = sectors // (heads * 63)
     if adapter_type == "ide":
         cylinders = min(cylinders, 16383)
-    return {"ddb.virtualHWVersion": hwversion,
+    return {"ddb.virtualHWVersion": str(hwversion),
             "ddb.geometry.cylinders": str(cylinders),
             "ddb.geometry.heads": str(heads),
             "ddb.geometry.sectors": "63",
             "ddb.adapterType": adapter_type}
-
-
-def _parent_cid(path, backing):
-    from nbdplug.opener import open_image
-    parent = os.path.join(os.path.dirname(os.path.abspath(path)), backing)
-    with open_image(parent, "vmdk") as disk:
-        if disk.cid is None:
-            raise UsageError(f"{backing}: the parent has no descriptor to "
-                             "take a CID from")
-        return disk.cid
 
 
 def _write_sparse(path, sectors, desc, created, stream=False, zeroed=False):

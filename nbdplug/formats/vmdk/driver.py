@@ -22,17 +22,14 @@ either old or new.
 
 import bisect
 import os
-import sys
 import threading
 
 from nbdplug.report import CheckReport
-from nbdplug.disk import Disk, Run
+from nbdplug.disk import BACKING, COMPRESSED, DATA, ZERO, Disk, Run
 from nbdplug.errors import (CorruptImage, ImageError, ReadOnlyDisk,
                             UnsupportedFeature)
 from nbdplug.locking import ImageLock
-from . import create as _create
 from . import descriptor
-from .extent import COMPRESSED, DATA, UNALLOC, ZERO
 from .flat import FlatExtent, ZeroExtent
 from .sparse import FMT, MAX_CAPACITY_SECTORS, SparseExtent
 from .structs import COWD_MAGIC, SECTOR, SPARSE_MAGIC
@@ -56,7 +53,6 @@ class VmdkDisk(Disk):
     can_zero = True
     # convert -c: streamOptimized grains are always deflated; the other
     # subformats store grains plainly and ignore it, as qemu-img does.
-    can_compress = True
 
     def __init__(self, path, readonly, desc, desc_file, desc_base, extents,
                  locks):
@@ -64,7 +60,7 @@ class VmdkDisk(Disk):
         self.descriptor = desc          # None: a sparse file without one
         self._desc_file = desc_file
         self._desc_base = desc_base     # where the descriptor text starts
-        self.extents = extents
+        self.parts = extents      # the extents, in guest order
         self._starts = [e.start for e in extents]
         self._locks = locks
         self._sparse = [e for e in extents if isinstance(e, SparseExtent)]
@@ -191,48 +187,24 @@ class VmdkDisk(Disk):
     def cid(self):
         return self.descriptor.cid if self.descriptor else None
 
-    @classmethod
-    def create(cls, path, size, options, backing=None, backing_fmt=None):
-        _create.create(path, size, options, backing, backing_fmt)
-
-    @classmethod
-    def rebase(cls, disk, backing, backing_fmt, new=None, copy=None):
-        """Name `backing` (None: none), the VMDK Disk `new`, as the parent
-        of `disk` (opened writable), with its CID; `copy` (safe rebase's
-        data step) runs once the new descriptor is known to be valid."""
-        from .rebase import new_descriptor, parent_cid_of
-        disk.check_writable()
-        if backing_fmt not in (None, FMT):
-            raise UnsupportedFeature(disk.path, FMT, "a VMDK parent must "
-                                     f"be a VMDK image, not {backing_fmt}",
-                                     "parentFileNameHint")
-        cid = parent_cid_of(new, disk.path)
-        # An embedded descriptor has a fixed region in the sparse file.
-        first = disk.extents[0]
-        room = first.geo.descriptor[1] if isinstance(first, SparseExtent) \
-            and first.path == disk.path else None
-
-        def text():
-            return new_descriptor(disk._desc_file, disk._desc_base, room,
-                                  disk.path, backing, cid)
-        text()
-        if copy is not None:
-            copy()
-        disk._desc_file.pwrite(text(), disk._desc_base)
-        disk._desc_file.flush()
-        disk.backing_name = backing
+    def embedded_descriptor_room(self):
+        """Bytes an embedded descriptor may fill (a fixed region of the
+        sparse file), or None for a separate descriptor file."""
+        first = self.parts[0]
+        if isinstance(first, SparseExtent) and first.path == self.path:
+            return first.geo.descriptor[1]
+        return None
 
     # --- the guest's view ---------------------------------------------------
 
     def _split(self, offset, length):
         """(extent, offset in extent, length) pieces of a guest range."""
-        self.check_request(length, offset)
-        if len(self.extents) == 1:
-            return ((self.extents[0], offset, length),)
+        if len(self.parts) == 1:
+            return ((self.parts[0], offset, length),)
         out, end = [], offset + length
         i = bisect.bisect_right(self._starts, offset) - 1
         while offset < end:
-            ext = self.extents[i]
+            ext = self.parts[i]
             n = min(end, ext.start + ext.length) - offset
             out.append((ext, offset - ext.start, n))
             offset += n
@@ -251,7 +223,7 @@ class VmdkDisk(Disk):
                     view = buf[pos:pos + length]
                     if state == DATA:
                         ext.file.pread(view, where)
-                    elif state == UNALLOC:
+                    elif state == BACKING:
                         self.read_backing(view, offset + pos)
                     elif state == ZERO:
                         _fill_zero(view)
@@ -261,7 +233,7 @@ class VmdkDisk(Disk):
                                             ext.grain)
                     pos += length
         except CorruptImage as e:
-            self._stop_writing(e)
+            self.stop_writing(e)
             raise
 
     def _background(self, offset, length):
@@ -273,13 +245,6 @@ class VmdkDisk(Disk):
     def _background_is_zero(self, offset, length):
         return self.backing is None or offset >= self.backing.size
 
-    def _stop_writing(self, error):
-        """Inconsistent metadata found while serving: say so once, and
-        take no more writes (uncleanShutdown stays set)."""
-        if not self.readonly:
-            self.readonly = True
-            sys.stderr.write(f"nbdplug: {error}; no more writes\n")
-
     def map(self, count, offset):
         runs = []
         for ext, ext_off, n in self._split(offset, count):
@@ -288,13 +253,14 @@ class VmdkDisk(Disk):
                 if state == DATA:
                     done = 0
                     for size, hole in ext.holes(where, length):
-                        runs.append(Run(pos + done, size, True, hole, True,
-                                        0, (ext.path, where + done)))
+                        runs.append(Run(pos + done, size, DATA,
+                                        host=(ext.path, where + done),
+                                        sparse=hole))
                         done += size
                 elif state == COMPRESSED:
-                    runs.append(Run(pos, length, True, False, True, 0, None))
+                    runs.append(Run(pos, length, COMPRESSED))
                 elif state == ZERO:
-                    runs.append(Run(pos, length, True, True, False, 0, None))
+                    runs.append(Run(pos, length, ZERO))
                 else:
                     runs += self.map_backing(length, pos)
                 pos += length
@@ -354,7 +320,7 @@ class VmdkDisk(Disk):
                 self._written(ext)
                 pos += n
         except CorruptImage as e:
-            self._stop_writing(e)
+            self.stop_writing(e)
             raise
         if fua:
             self.flush()
@@ -369,7 +335,7 @@ class VmdkDisk(Disk):
                                    at + pos, self._background)
                 self._written(ext)
         except CorruptImage as e:
-            self._stop_writing(e)
+            self.stop_writing(e)
             raise
         if fua:
             self.flush()
@@ -386,7 +352,7 @@ class VmdkDisk(Disk):
     # --- description --------------------------------------------------------
 
     def files(self):
-        return list(dict.fromkeys([self.path] + [e.path for e in self.extents
+        return list(dict.fromkeys([self.path] + [e.path for e in self.parts
                                                  if e.file is not None]))
 
     def info(self):
@@ -399,7 +365,7 @@ class VmdkDisk(Disk):
                               ("ddb.virtualHWVersion", "hwversion")):
                 if key in desc.keys:
                     out[name] = desc.keys[key]
-        out["extents"] = [e.info() for e in self.extents]
+        out["extents"] = [e.info() for e in self.parts]
         return out
 
     # --- checking -----------------------------------------------------------
@@ -447,7 +413,7 @@ class VmdkDisk(Disk):
                 self._writing = False
         finally:
             for f in dict.fromkeys([self._desc_file] +
-                                   [e.file for e in self.extents]):
+                                   [e.file for e in self.parts]):
                 if f is not None:
                     f.close()
             for lock in self._locks:

@@ -2,17 +2,16 @@
 
 An extent serves a contiguous range of the guest disk from one file.  Its
 one mapping walk, `segments(offset, length)`, returns consecutive
-(state, length, where) triples that pread, pwrite, zero and map all use:
+(kind, length, where) triples, in nbdplug.disk's kinds, that pread,
+pwrite, zero and map all use:
 
     DATA        stored plainly at host byte offset `where` of the file
     COMPRESSED  stored as the compressed grain with index `where`
     ZERO        reads as zeros (a ZERO extent, a zeroed grain)
-    UNALLOC     not stored here: the parent disk, or zeros, shows through
+    BACKING     not stored here: the parent disk, or zeros, shows through
 
 Offsets passed to an extent are relative to the extent's start.
 """
-
-DATA, COMPRESSED, ZERO, UNALLOC = "data", "compressed", "zero", "unalloc"
 
 
 class Extent:

@@ -5,7 +5,9 @@ zeros (Virtual Disk Format 1.1, "Simple Extents")."""
 import errno
 
 from nbdplug.errors import ReadOnlyDisk
-from .extent import DATA, ZERO, Extent
+from nbdplug.disk import DATA, ZERO
+
+from .extent import Extent
 
 _NO_ZERO_RANGE = (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV)
 

@@ -9,7 +9,7 @@ file its length at least (newline padded, blank lines being ignored), so
 a crash leaves the old text or the new one.
 """
 
-from nbdplug.errors import UsageError
+from nbdplug.errors import UnsupportedFeature, UsageError
 from . import descriptor
 from .descriptor import NO_PARENT
 
@@ -77,7 +77,30 @@ def parent_cid_of(new, path):
     """The CID to record for parent Disk `new` (None: no parent)."""
     if new is None:
         return NO_PARENT
-    if new.format_name != FMT or getattr(new, "cid", None) is None:
+    if new.format_name != FMT or new.cid is None:
         raise UsageError(f"{path}: a VMDK parent must be a VMDK image with "
                          "a CID (use -F vmdk)")
     return new.cid
+
+
+def rebase(disk, backing, backing_fmt, new=None, copy=None):
+    """Name `backing` (None: none), the VMDK Disk `new`, as the parent of
+    `disk` (opened writable), with its CID; `copy` (safe rebase's data
+    step) runs once the new descriptor is known to be valid."""
+    disk.check_writable()
+    if backing_fmt not in (None, FMT):
+        raise UnsupportedFeature(disk.path, FMT, "a VMDK parent must be a "
+                                 f"VMDK image, not {backing_fmt}",
+                                 "parentFileNameHint")
+    cid = parent_cid_of(new, disk.path)
+    room = disk.embedded_descriptor_room()
+
+    def text():
+        return new_descriptor(disk._desc_file, disk._desc_base, room,
+                              disk.path, backing, cid)
+    text()
+    if copy is not None:
+        copy()
+    disk._desc_file.pwrite(text(), disk._desc_base)
+    disk._desc_file.flush()
+    disk.backing_name = backing

@@ -32,9 +32,10 @@ import threading
 import typing
 import zlib
 
+from nbdplug.disk import BACKING, COMPRESSED, DATA, ZERO
 from nbdplug.errors import CorruptImage, UnsupportedFeature
 from . import descriptor
-from .extent import COMPRESSED, DATA, UNALLOC, ZERO, Extent
+from .extent import Extent
 from .structs import (COMPRESSION_DEFLATE, COMPRESSION_NONE, FLAG_COMPRESSED,
                       FLAG_MARKERS, FLAG_NEWLINE_TEST, FLAG_REDUNDANT_GD,
                       FLAG_ZEROED_GRAIN, GD_AT_END, GRAIN_MARKER, GTE_SIZE,
@@ -455,7 +456,7 @@ class SparseExtent(Extent):
                 else:
                     out.append((DATA, take, where))
                 continue
-            state = UNALLOC if entry == 0 else ZERO
+            state = BACKING if entry == 0 else ZERO
             if out and out[-1][0] == state:
                 out[-1] = (state, out[-1][1] + take, None)
             else:

@@ -17,7 +17,6 @@ zero punches plain clusters in place.  AES-encrypted images are refused.
 """
 
 import array
-import collections
 import contextlib
 import dataclasses
 import os
@@ -26,6 +25,7 @@ import zlib
 
 from nbdplug.report import CheckReport
 from nbdplug import options
+from nbdplug.cache import Cache
 from nbdplug.disk import (BACKING, COMPRESSED, DATA, Disk, FormatSpec, Run,
                           add_run)
 from nbdplug.errors import CorruptImage, UnsupportedFeature, UsageError
@@ -196,8 +196,7 @@ class QcowDisk(Disk):
         self.cluster_size = geo.cluster_size
         self.preferred_block = max(4096, geo.cluster_size)
         self._l1 = l1
-        self._l2 = collections.OrderedDict()    # L2 offset → array, LRU
-        self._l2_cached = max(16, L2_CACHE_BYTES // geo.l2_bytes)
+        self._l2 = Cache(max(16, L2_CACHE_BYTES // geo.l2_bytes))
         self._inflated = (None, None)           # (entry, cluster bytes)
         self._file_size = file.size()
         # New clusters go at the end, cluster aligned.
@@ -315,7 +314,6 @@ class QcowDisk(Disk):
         """The L2 table at `l2_offset`, validated (lock held)."""
         table = self._l2.get(l2_offset)
         if table is not None:
-            self._l2.move_to_end(l2_offset)
             return table
         table = be64_array(self.file.read(self.geo.l2_bytes, l2_offset))
         # Two C-speed tests pass a table of plain clusters; the loop
@@ -334,9 +332,7 @@ class QcowDisk(Disk):
         return table
 
     def _cache(self, l2_offset, table):
-        self._l2[l2_offset] = table
-        if len(self._l2) > self._l2_cached:
-            self._l2.popitem(last=False)
+        self._l2.put(l2_offset, table)
 
     def _segments(self, offset, length):
         """[(guest offset, length, kind, where)] covering the range, in

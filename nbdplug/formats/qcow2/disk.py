@@ -175,7 +175,7 @@ class Qcow2Disk(Disk):
             return None
         m = self.map_
         l1e = m.l1[offset >> self.l1_shift]
-        table = m.cache.get(l1e & S.L1E_OFFSET_MASK)
+        table = m.cache.peek(l1e & S.L1E_OFFSET_MASK)
         if table is None or m.bad or (writing and not
                                       l1e & S.QCOW_OFLAG_COPIED):
             return None

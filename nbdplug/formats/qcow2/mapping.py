@@ -6,9 +6,9 @@ as it enters the cache, so later code can trust its offsets.
 """
 
 import array
-import collections
 import struct
 
+from nbdplug.cache import Cache
 from nbdplug.disk import BACKING, COMPRESSED, DATA, ZERO
 from nbdplug.errors import CorruptImage
 from . import structs as S
@@ -39,13 +39,13 @@ class Mapping:
         self.l2_bits = geo.l2_bits
         self.l1_offset = l1_offset
         self.l1 = load_table(file, l1_offset, l1_size)
-        self.cache = collections.OrderedDict()      # l2 offset -> array
         # For each cached table, the host offset of every cluster that is
         # plain data we own (refcount one, all subclusters allocated), 0
         # elsewhere: the read fast path is one lookup in it.
         self.owned = {}                             # l2 offset -> array
+        self.cache = Cache(max(4, L2_CACHE_BYTES // geo.cluster_size),
+                           lambda offset, _: self.owned.pop(offset, None))
         self.bad = {}       # l2 offset -> {index: reason}, entries refused
-        self.cache_limit = max(4, L2_CACHE_BYTES // geo.cluster_size)
         # Compressed descriptor split (see the spec's x).
         self.csize_shift = 62 - (geo.cluster_bits - 8)
         self.coffset_mask = (1 << self.csize_shift) - 1
@@ -67,7 +67,6 @@ class Mapping:
     def l2_table(self, offset):
         table = self.cache.get(offset)
         if table is not None:
-            self.cache.move_to_end(offset)
             return table
         if offset + self.cluster_size > self.file.size():
             raise CorruptImage(self.path, FMT, f"L2 table at {offset:#x} "
@@ -82,11 +81,8 @@ class Mapping:
         for i in range(self.l2_entries):
             if i not in bad:
                 owned[i] = self._owned_host(*self._pair(table, i))
-        self.cache[offset] = table
         self.owned[offset] = owned
-        if len(self.cache) > self.cache_limit:
-            old, _ = self.cache.popitem(last=False)
-            del self.owned[old]
+        self.cache.put(offset, table)
         return table
 
     def forget(self, offset):

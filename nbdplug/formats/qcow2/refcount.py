@@ -8,9 +8,9 @@ reference).
 """
 
 import array
-import collections
 import struct
 
+from nbdplug.cache import Cache
 from nbdplug.errors import CorruptImage, UnsupportedFeature
 from nbdplug.layout import be64_array, be64_bytes
 from . import structs as S
@@ -37,7 +37,7 @@ class Refcounts:
         self.table = load_table(file, self.table_offset,
                                 geo.refcount_table_clusters *
                                 self.cluster_size // 8)
-        self.blocks = collections.OrderedDict()     # offset -> bytearray
+        self.blocks = Cache(BLOCK_CACHE)            # offset -> bytearray
         self.end = -(-file.size() // self.cluster_size)
         self.free_hint = 0
 
@@ -72,16 +72,13 @@ class Refcounts:
     def _block(self, offset):
         block = self.blocks.get(offset)
         if block is not None:
-            self.blocks.move_to_end(offset)
             return block
         if offset + self.cluster_size > self.file.size():
             raise CorruptImage(self.path, FMT, f"refcount block at "
                                f"{offset:#x} lies past the end of the file",
                                "refcount table")
         block = self.file.read(self.cluster_size, offset)
-        self.blocks[offset] = block
-        if len(self.blocks) > BLOCK_CACHE:
-            self.blocks.popitem(last=False)
+        self.blocks.put(offset, block)
         return block
 
     def get(self, cluster):
@@ -162,7 +159,7 @@ class Refcounts:
             self._new_block(home, None if table is self.table else table)
         offset = where << self.cluster_bits
         block = bytearray(self.cluster_size)
-        self.blocks[offset] = block
+        self.blocks.put(offset, block)
         self.end = where + 1
         if home == index:
             self._put(block, where - index * self.per_block, 1)

@@ -4,6 +4,7 @@ import threading
 import uuid
 
 from nbdplug.report import CheckReport
+from nbdplug.cache import Cache
 from nbdplug.disk import BACKING, DATA, ZERO, Disk, Run, add_run
 from nbdplug.errors import CorruptImage, ImageError
 from .bitmaps import bits_of, raw_bitmap, span_bits
@@ -30,7 +31,7 @@ class VhdDisk(Disk):
         self._grain = min(GRAIN, geom.block_size) if geom.block_size \
             else SECTOR
         self._lock = threading.RLock()
-        self._bitmaps = {}
+        self._bitmaps = Cache(BITMAP_CACHE)     # block -> sector bits
         self._full = span_bits(0, 8 * geom.bitmap_size)
         # Where the next block goes: over the end footer, or past the end
         # of a file whose end footer is missing.
@@ -100,9 +101,7 @@ class VhdDisk(Disk):
     def _cache(self, block, bits):
         if bits == self._full:
             bits = self._full       # one object for every full block
-        if len(self._bitmaps) >= BITMAP_CACHE:
-            del self._bitmaps[next(iter(self._bitmaps))]
-        self._bitmaps[block] = bits
+        self._bitmaps.put(block, bits)
 
     def _sectors_in(self, block):
         """Sectors of `block` that lie inside the disk."""
@@ -150,7 +149,7 @@ class VhdDisk(Disk):
             block, within = divmod(offset, geom.block_size)
             if 0 <= offset and within + len(buf) <= geom.block_size and \
                     offset + len(buf) <= self.size and \
-                    self._bitmaps.get(block) is self._full:
+                    self._bitmaps.peek(block) is self._full:
                 self.file.pread(buf, self.bat[block] * SECTOR +
                                 geom.bitmap_size + within)
                 return

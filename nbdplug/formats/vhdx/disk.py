@@ -25,6 +25,7 @@ import sys
 import threading
 import uuid
 
+from nbdplug.cache import Cache
 from nbdplug.disk import BACKING, DATA, ZERO, Disk, Run, add_run
 from nbdplug.errors import CorruptImage, UnsupportedFeature
 from nbdplug.layout import Layout
@@ -415,7 +416,7 @@ class VhdxDisk(Disk):
         self.data_write_guid = geom.header.data_write_guid
         self.backing_name = None
         self._lock = threading.Lock()
-        self._bitmaps = {}
+        self._bitmaps = Cache(BITMAP_CACHE)     # block -> sector bits
 
     @classmethod
     def probe(cls, file):
@@ -467,9 +468,7 @@ class VhdxDisk(Disk):
             bitmap = int.from_bytes(self.src.read(per_block,
                                                   sb * MiB + within),
                                     "little")
-            if len(self._bitmaps) >= BITMAP_CACHE:
-                del self._bitmaps[next(iter(self._bitmaps))]
-            self._bitmaps[block] = bitmap
+            self._bitmaps.put(block, bitmap)
         return bitmap
 
     def _runs(self, offset, length):

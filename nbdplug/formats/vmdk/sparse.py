@@ -32,6 +32,7 @@ import threading
 import typing
 import zlib
 
+from nbdplug.cache import Cache
 from nbdplug.disk import BACKING, COMPRESSED, DATA, ZERO
 from nbdplug.errors import CorruptImage, UnsupportedFeature
 from . import descriptor
@@ -230,9 +231,9 @@ class SparseExtent(Extent):
         if geo.rgd_offset is not None:
             self.rgd = self._read_table(geo.rgd_offset,
                                         geo.gd_entries * GTE_SIZE)
-        self._gts = {}              # GD index -> cached grain table
+        self._gts = Cache(MAX_CACHED_GTS)   # GD index -> grain table
         self._no_table = _table(bytes(geo.gt_bytes))    # never written
-        self._inflated = {}         # grain index -> inflated grain
+        self._inflated = Cache(MAX_CACHED_GRAINS)   # grain index -> grain
         self._cache_lock = threading.Lock()
         self._lock = threading.Lock()           # allocation and tables
         self._bad_tables = set()
@@ -333,8 +334,8 @@ class SparseExtent(Extent):
                 if raw == empty:
                     continue
                 table = _table(raw)
-                if len(self._gts) < MAX_CACHED_GTS:
-                    self._gts.setdefault(gdi, table)
+                if gdi not in self._gts:
+                    self._gts.put(gdi, table)
                 yield gdi, table
             i = j
 
@@ -413,7 +414,7 @@ class SparseExtent(Extent):
     def lookup(self, gi):
         """The grain table entry of grain `gi`."""
         gdi, i = divmod(gi, self.geo.gtes)
-        table = self._gts.get(gdi)
+        table = self._gts.peek(gdi)     # lock-free; _load takes the lock
         if table is None:
             table = self._load(gdi)
         return table[i]
@@ -426,10 +427,8 @@ class SparseExtent(Extent):
             sector = self.gd[gdi]
             if not sector or gdi in self._bad_tables:
                 return self._no_table
-            if len(self._gts) >= MAX_CACHED_GTS:
-                del self._gts[next(iter(self._gts))]
             table = self._read_table(sector * SECTOR, self.geo.gt_bytes)
-            self._gts[gdi] = table
+            self._gts.put(gdi, table)
             return table
 
     def _pieces(self, offset, length):
@@ -467,7 +466,7 @@ class SparseExtent(Extent):
         view[:] = memoryview(self._inflate(gi))[within:within + len(view)]
 
     def _inflate(self, gi):
-        data = self._inflated.get(gi)
+        data = self._inflated.peek(gi)
         if data is not None:
             return data
         pos, size = self._marker(gi, self.lookup(gi))
@@ -485,10 +484,7 @@ class SparseExtent(Extent):
 
     def _remember(self, gi, data):
         with self._cache_lock:
-            if gi not in self._inflated and \
-                    len(self._inflated) >= MAX_CACHED_GRAINS:
-                del self._inflated[next(iter(self._inflated))]
-            self._inflated[gi] = data
+            self._inflated.put(gi, data)
 
     # --- writing ------------------------------------------------------------
 

@@ -171,8 +171,9 @@ class Disk:
 
     # What `info` shows where a format has it.
     cluster_size = None
-    dirty = None
+    dirty = False
     snapshots = ()
+    backing_format = None   # as the image records (or implies) it
 
     def __init__(self, path, size, readonly):
         self.path = path

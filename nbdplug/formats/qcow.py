@@ -612,6 +612,12 @@ class QcowDisk(Disk):
             file_size = file.size()
             space = _Space(geo.cluster_size, file_size)
             space.claim(0, geo.metadata_end)
+            # qemu writes the L1 table in whole sectors: the padding is
+            # metadata too, not a leak.
+            padded = geo.l1_table_offset + _align_up(geo.l1_bytes, 512)
+            if min(padded, file_size) > geo.metadata_end:
+                space.claim(geo.metadata_end,
+                            min(padded, file_size) - geo.metadata_end)
             l1 = be64_array(file.read(geo.l1_bytes, geo.l1_table_offset))
             allocated = compressed = 0
             for l1_index, l2_offset in enumerate(l1):

@@ -14,13 +14,13 @@ def image_info(disk):
     }
     if disk.cluster_size:
         info["cluster-size"] = disk.cluster_size
-    if disk.dirty is not None:
-        info["dirty-flag"] = disk.dirty
+    info["dirty-flag"] = disk.dirty
     if disk.backing_name:
         info["backing-filename"] = disk.backing_name
         if disk.backing is not None:
             info["full-backing-filename"] = disk.backing.path
-            info["backing-filename-format"] = disk.backing.format_name
+        if disk.backing_format:
+            info["backing-filename-format"] = disk.backing_format
     if disk.snapshots:
         info["snapshots"] = [s.info() for s in disk.snapshots]
     specific = disk.info()

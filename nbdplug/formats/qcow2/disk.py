@@ -62,6 +62,7 @@ class Qcow2Disk(Disk):
         self.l2_mask = geo.l2_entries - 1
         self.preferred_block = max(4096, min(self.cluster_size, 1 << 20))
         self.backing_name = geo.backing_name
+        self.backing_format = geo.backing_format
         self.dirty = bool(geo.incompatible_features & S.INCOMPAT_DIRTY)
         self.lock = threading.Lock()
         self.cond = threading.Condition(self.lock)

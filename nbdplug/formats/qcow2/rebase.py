@@ -102,3 +102,4 @@ def rebase(disk, backing, backing_fmt, new=None, copy=None):
     disk.check_writable()
     rewrite_backing(disk.file, disk.path, backing, backing_fmt, copy)
     disk.backing_name = backing
+    disk.backing_format = backing_fmt if backing else None

@@ -21,6 +21,9 @@ from .structs import (COOKIE, CREATOR_APPLICATION, DEFAULT_BLOCK_SIZE,
 OPTIONS = {
     "subformat": options.choice("dynamic", ("dynamic", "fixed")),
     "block_size": options.size(DEFAULT_BLOCK_SIZE),
+    # Unlike qemu-img, the size asked for by default; off rounds it up to
+    # a CHS geometry as qemu-img does.
+    "force_size": options.boolean(True),
 }
 
 
@@ -28,7 +31,28 @@ def chs_geometry(size):
     """Cylinders, heads, sectors per track: the specification's appendix
     algorithm, or the maximum geometry when the result does not multiply
     back to `size` (qemu then reads the footer's size, as Hyper-V does)."""
-    total = min(size // SECTOR, 65535 * 16 * 255)
+    cylinders, heads, spt = _appendix_geometry(size // SECTOR)
+    if cylinders * heads * spt * SECTOR != size:
+        return MAX_GEOMETRY
+    return cylinders, heads, spt
+
+
+def geometry_size(size):
+    """`size` rounded up to the first whole CHS geometry, as qemu-img
+    create does unless told force_size=on (Virtual PC sizes a disk by its
+    geometry)."""
+    total = size // SECTOR
+    extra = 0
+    while True:
+        c, h, s = _appendix_geometry(total + extra)
+        if c * h * s >= total or (c, h, s) == (65535, 16, 255):
+            return c * h * s * SECTOR
+        extra += 1
+
+
+def _appendix_geometry(total):
+    """The specification's appendix: CHS for `total` sectors."""
+    total = min(total, 65535 * 16 * 255)
     if total >= 65535 * 16 * 63:
         spt, heads = 255, 16
         cth = total // spt
@@ -42,10 +66,7 @@ def chs_geometry(size):
         if cth >= heads * 1024:
             spt, heads = 63, 16
             cth = total // spt
-    cylinders = cth // heads
-    if cylinders * heads * spt * SECTOR != size:
-        return MAX_GEOMETRY
-    return cylinders, heads, spt
+    return cth // heads, heads, spt
 
 
 def _now():
@@ -144,6 +165,8 @@ def create(path, size, opts, backing=None):
     """Write a new fixed, dynamic or differencing VHD; `opts` parsed from
     OPTIONS, `backing` an nbdplug.disk.Backing or None."""
     subformat, block_size = opts["subformat"], opts["block_size"]
+    if not opts["force_size"]:
+        size = geometry_size(size)
     if block_size & (block_size - 1) or \
             not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE:
         raise UsageError(f"block_size {block_size}: a power of two from "

@@ -88,6 +88,7 @@ class VhdDisk(Disk):
             lambda p: p.unique_id == self.geom.parent_unique_id,
             "unique id", fallback)
         self.backing_name = self.geom.parent_name or name
+        self.backing_format = FMT
 
     def _bitmap(self, block, entry):
         """The block's sector bitmap (bitmaps.bits_of)."""

@@ -67,6 +67,7 @@ def rebase(disk, backing, backing_fmt, new, copy):
     disk.file.pwrite(header, disk.geom.data_offset)
     disk.file.flush()
     disk.backing_name = backing
+    disk.backing_format = FMT if backing else None
 
 
 def _new_reference(disk, backing, new):
@@ -209,5 +210,5 @@ def _flatten(disk):
     if disk.backing is not None:
         disk.backing.close()
         disk.backing = None
-    disk.backing_name = None
+    disk.backing_name = disk.backing_format = None
 

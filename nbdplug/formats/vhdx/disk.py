@@ -450,6 +450,7 @@ class VhdxDisk(Disk):
         candidates = [(windows_path(loc[key]), f"parent locator {key}")
                       for key in ("relative_path", "absolute_win32_path")
                       if loc.get(key)]
+        self.backing_format = FMT
         self.backing, self.backing_name = open_parent(
             self, ctx, candidates,
             lambda p: p.data_write_guid in linkage, "data write GUID")

@@ -67,6 +67,7 @@ class VmdkDisk(Disk):
         self.cluster_size = self._sparse[0].grain if self._sparse else None
         self.dirty = any(e.unclean for e in self._sparse)
         self.backing_name = desc.parent_hint if desc else None
+        self.backing_format = FMT if self.backing_name else None
         self._lock = threading.Lock()
         self._writing = False           # CID updated, extents marked
         self._dirty = set()

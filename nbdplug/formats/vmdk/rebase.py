@@ -104,3 +104,4 @@ def rebase(disk, backing, backing_fmt, new=None, copy=None):
     disk._desc_file.pwrite(text(), disk._desc_base)
     disk._desc_file.flush()
     disk.backing_name = backing
+    disk.backing_format = FMT if backing else None

@@ -1,0 +1,1 @@
+"""Every format through every caller (see formats.py)."""

@@ -75,17 +75,22 @@ class HostFile:
 
     def preadv(self, bufs, offset):
         """Fill each buffer in turn from consecutive host bytes."""
+        self._vectored(bufs, offset, self.pread, os.preadv,
+                       self._finish_read)
+
+    def _vectored(self, bufs, offset, one, vector, finish):
+        """One system call for several buffers at consecutive offsets; a
+        short transfer finished buffer by buffer."""
         if self.direct or len(bufs) == 1:
             for buf in bufs:
-                self.pread(buf, offset)
+                one(buf, offset)
                 offset += len(buf)
             return
-        total = sum(len(b) for b in bufs)
-        n = os.preadv(self.fd, bufs, offset)
-        if n < total:
+        n = vector(self.fd, bufs, offset)
+        if n < sum(len(b) for b in bufs):
             for buf in bufs:
                 if n < len(buf):
-                    self._finish_read(memoryview(buf), offset, max(n, 0))
+                    finish(memoryview(buf), offset, max(n, 0))
                 n -= len(buf)
                 offset += len(buf)
 
@@ -109,19 +114,8 @@ class HostFile:
             done += os.pwrite(self.fd, buf[done:], offset + done)
 
     def pwritev(self, bufs, offset):
-        if self.direct or len(bufs) == 1:
-            for buf in bufs:
-                self.pwrite(buf, offset)
-                offset += len(buf)
-            return
-        total = sum(len(b) for b in bufs)
-        n = os.pwritev(self.fd, bufs, offset)
-        if n < total:
-            for buf in bufs:
-                if n < len(buf):
-                    self._finish_write(memoryview(buf), offset, max(n, 0))
-                n -= len(buf)
-                offset += len(buf)
+        self._vectored(bufs, offset, self.pwrite, os.pwritev,
+                       self._finish_write)
 
     def flush(self):
         os.fdatasync(self.fd)

@@ -30,6 +30,28 @@ def nbdplug(*args, check=True, **kw):
     return run(NBDPLUG + [str(a) for a in args], check=check, cwd=REPO, **kw)
 
 
+def pattern(length, seed):
+    """Bytes that say where they came from (offset-dependent)."""
+    return bytes((seed + i // 512) % 251 + 1 for i in range(length))
+
+
+def sparse_raw(path, size, pieces=()):
+    """A raw file of `size` bytes, holes but for `pieces` [(offset,
+    data)]; its name."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset, data in pieces:
+            f.seek(offset)
+            f.write(data)
+    return str(path)
+
+
+def qemu_img_info(image, *args):
+    """`qemu-img info --output=json` as a dict."""
+    return json.loads(run(["qemu-img", "info", "--output=json", *args,
+                           str(image)]).stdout)
+
+
 class ContentMismatch(AssertionError):
     pass
 

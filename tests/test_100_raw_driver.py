@@ -8,22 +8,15 @@ from nbdplug import (EXTENT_HOLE, EXTENT_ZERO, ImageError, ReadOnlyDisk,
                      RequestError, open_image)
 from nbdplug.disk import check_request
 
+from conftest import pattern, sparse_raw
+
 MiB = 1 << 20
-
-
-def pattern(length, seed):
-    """Bytes that say where they came from (offset-dependent)."""
-    return bytes((seed + i // 512) % 251 + 1 for i in range(length))
 
 
 @pytest.fixture
 def sparse(tmp_path):
-    path = tmp_path / "disk.raw"
-    with open(path, "wb") as f:
-        f.truncate(16 * MiB)
-        f.seek(4 * MiB)
-        f.write(pattern(MiB, 7))
-    return str(path)
+    return sparse_raw(tmp_path / "disk.raw", 16 * MiB,
+                      [(4 * MiB, pattern(MiB, 7))])
 
 
 def seek_runs(path):

@@ -6,21 +6,17 @@ import threading
 import nbd
 import pytest
 
-from conftest import qemu_img_compare, run, served
-from test_100_raw_driver import pattern, seek_runs
+from conftest import pattern, qemu_img_compare, run, served, sparse_raw
+from test_100_raw_driver import seek_runs
 
 MiB = 1 << 20
 
 
 @pytest.fixture
 def image(tmp_path):
-    path = tmp_path / "disk.raw"
-    with open(path, "wb") as f:
-        f.truncate(32 * MiB)
-        for i, off in enumerate((MiB, 9 * MiB, 20 * MiB + 4096)):
-            f.seek(off)
-            f.write(pattern(3 * MiB // 2, i))
-    return str(path)
+    return sparse_raw(tmp_path / "disk.raw", 32 * MiB, [
+        (off, pattern(3 * MiB // 2, i))
+        for i, off in enumerate((MiB, 9 * MiB, 20 * MiB + 4096))])
 
 
 def test_qemu_img_compare_identical(image):

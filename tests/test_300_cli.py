@@ -8,20 +8,15 @@ import subprocess
 import nbd
 import pytest
 
-from conftest import NBDPLUG, nbdplug, run
-from test_100_raw_driver import pattern
+from conftest import NBDPLUG, nbdplug, pattern, run, sparse_raw
 
 MiB = 1 << 20
 
 
 @pytest.fixture
 def image(tmp_path):
-    path = tmp_path / "disk.raw"
-    with open(path, "wb") as f:
-        f.truncate(8 * MiB)
-        f.seek(2 * MiB)
-        f.write(pattern(MiB, 1))
-    return str(path)
+    return sparse_raw(tmp_path / "disk.raw", 8 * MiB,
+                      [(2 * MiB, pattern(MiB, 1))])
 
 
 def assert_one_line_error(proc, *words):

@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from conftest import nbdplug, run, served
+from conftest import nbdplug, run, served, sparse_raw
 from nbdplug import ImageError, open_image
 from nbdplug.serve import nbdkit as server
 
@@ -16,10 +16,7 @@ MiB = 1 << 20
 
 @pytest.fixture
 def image(tmp_path):
-    path = tmp_path / "disk.raw"
-    with open(path, "wb") as f:
-        f.truncate(4 * MiB)
-    return str(path)
+    return sparse_raw(tmp_path / "disk.raw", 4 * MiB)
 
 
 def test_qemu_refuses_an_image_we_serve_read_write(image):

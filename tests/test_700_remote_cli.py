@@ -13,7 +13,7 @@ import pytest
 from conftest import NBDPLUG, REPO, nbdplug
 from nbdplug import FORMATS
 from nbdplug.serve.exports import load, parse_export
-from test_100_raw_driver import pattern
+from conftest import pattern
 from test_300_cli import assert_one_line_error, image  # noqa: F401
 from test_700_remote_serve import make_pki
 

@@ -8,7 +8,8 @@ import pytest
 from conftest import nbdplug, run, served
 from nbdplug import ImageError, ReadOnlyDisk, UsageError, open_image
 from nbdplug.disk import EXTENT_HOLE, EXTENT_ZERO
-from test_100_raw_driver import pattern, seek_runs
+from conftest import pattern
+from test_100_raw_driver import seek_runs
 
 MiB = 1 << 20
 SIZE = 40 * MiB         # more than one 32 MiB request

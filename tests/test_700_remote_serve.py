@@ -18,7 +18,7 @@ import pytest
 from conftest import NBDPLUG, REPO, qemu_img_compare, run
 from netns import TwoHosts
 from nbdplug.serve import nbdkit as server
-from test_100_raw_driver import pattern
+from conftest import pattern
 
 MiB = 1 << 20
 PORTS = itertools.count(10809)

@@ -8,7 +8,9 @@ import os
 import pytest
 
 from conformance.formats import ROWS, WRITABLE, MiB, remove_ram
-from conftest import nbdplug, qemu_img_check_clean, qemu_img_compare, run
+from conftest import (nbdplug, qemu_img_check_clean, qemu_img_compare,
+                      qemu_img_info, run)
+from nbdplug.options import parse_size
 
 TARGETS = [r.fmt for r in WRITABLE]
 
@@ -81,8 +83,7 @@ def test_info_json_says_what_qemu_img_says(fixture):
     if not fixture.row.qemu_reads:
         assert ours["format"] == fixture.row.fmt
         return
-    theirs = json.loads(run(["qemu-img", "info", "--output=json", "-f",
-                             fixture.row.fmt, fixture.image]).stdout)
+    theirs = qemu_img_info(fixture.image, "-f", fixture.row.fmt)
     for key in INFO_KEYS:
         assert ours.get(key) == theirs.get(key), key
     assert ("backing-image" in ours) == \
@@ -118,10 +119,7 @@ def test_create_takes_qemu_img_spelling(row, tmp_path):
             theirs = str(tmp_path / f"qemu.{row.fmt}")
             run(["qemu-img", "create", "-q", "-f", row.fmt, *options,
                  theirs, "5M"])
-            a = json.loads(run(["qemu-img", "info", "--output=json",
-                                ours]).stdout)
-            b = json.loads(run(["qemu-img", "info", "--output=json",
-                                theirs]).stdout)
+            a, b = qemu_img_info(ours), qemu_img_info(theirs)
             for key in ("virtual-size", "cluster-size"):
                 assert a.get(key) == b.get(key), key
         if row.qemu_checks:
@@ -149,10 +147,7 @@ def test_qcow2_cluster_size_takes_suffixes(tmp_path, size):
     image = tmp_path / "x.qcow2"
     nbdplug("create", "-q", "-f", "qcow2", "-o", f"cluster_size={size}",
             image, "4M")
-    info = json.loads(run(["qemu-img", "info", "--output=json",
-                           str(image)]).stdout)
-    from nbdplug.options import parse_size
-    assert info["cluster-size"] == parse_size(size)
+    assert qemu_img_info(image)["cluster-size"] == parse_size(size)
 
 
 def test_every_format_has_a_row():

@@ -7,3 +7,5 @@ and mapped where the kernel does not, the attachment state under
 /run/nbdplug, and the Xen hotplug scripts and udev rules.  It imports
 nbdplug and dm; pyudev and pyparted are used here and nowhere else.
 """
+
+VIA = ("nbd", "loop")       # kernel NBD, or nbdfuse + loop

@@ -18,7 +18,7 @@ from nbdplug.serve import nbdkit as server
 from nbdplug.errors import UsageError
 from nbdplug.opener import names_a_file, open_image
 
-from . import devices, partitions, procs, state
+from . import VIA, devices, partitions, procs, state
 from .udev import Watcher
 
 
@@ -26,7 +26,7 @@ from .udev import Watcher
 def attach(image, fmt=None, readonly=False, share=False, via=None,
            policy=None):
     """Attach `image`; returns its record (see state.py)."""
-    if via not in (None,) + devices.VIA:
+    if via not in (None,) + VIA:
         raise UsageError(f"--via {via!r}: expected nbd or loop")
     if names_a_file(image):
         image = os.path.realpath(image)

@@ -79,6 +79,9 @@ def resume(local, rate=None, progress=False, wait=True):
     until done."""
     with open_image(local, FMT, readonly=False,
                     options={"fill": False}) as disk:
+        if disk.backing is None and \
+                (fill.read_status(local) or {}).get("state") == "done":
+            return 0            # finished already (a resume after a crash)
         move = _move_of(disk, local)
         if not move.active or (rate is not None and
                                rate != move.record.rate):

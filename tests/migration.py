@@ -21,6 +21,8 @@ def source_raw(path, size=24 * MiB, seed=0):
     rng = random.Random(seed)
     pieces = [(0, 256 * 1024), (3 * MiB + 4096, MiB + 512),
               (9 * MiB, 2 * MiB), (size - 3 * MiB - 65536, 700 * 1024)]
+    pieces += [(off, MiB) for off in range(24 * MiB, size - 4 * MiB,
+                                           4 * MiB)]
     pieces += [(rng.randrange(0, size - 65536) // 512 * 512,
                 rng.randrange(1, 128) * 512) for _ in range(12)]
     for i, (off, n) in enumerate(pieces):
@@ -96,14 +98,13 @@ class SourceServer:
 
 
 def guest_writes(model, rng, count, size):
-    """Random guest writes (offset, data) of 512 B to 192 KiB, applied to
-    `model`; some land in missing clusters, some straddle clusters."""
-    out = []
+    """Random guest writes (offset, data) of 512 B to 192 KiB, each
+    applied to `model` as it is yielded; some land in missing clusters,
+    some straddle clusters."""
     for _ in range(count):
         n = rng.choice((512, 4096, 65536, 3 * 65536)) \
             if rng.random() < 0.7 else rng.randrange(1, 300) * 512
         off = rng.randrange(0, size - n) // 512 * 512
         data = bytes([rng.randrange(1, 256)]) * n
         model[off:off + n] = data
-        out.append((off, data))
-    return out
+        yield off, data

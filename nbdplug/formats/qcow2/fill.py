@@ -39,7 +39,8 @@ from . import migration, structs as S
 FILL_REQUEST = 4 << 20          # bytes the fill fetches in one request
 FILL_PATIENCE = 2.0             # seconds a fill request waits, then pauses
 MAX_PAUSE = 5.0                 # longest pause between tries
-STATUS_INTERVAL = 0.5           # seconds between status file updates
+STATUS_INTERVAL = 0.5           # seconds between status updates (besides
+                                # one after each fill request)
 
 
 def status_path(image):
@@ -244,6 +245,8 @@ class Move:
                 try:
                     for c0, k in claimed:
                         self._copy(source, c0, k)
+                        # Said at once, so a kill -9 loses no count.
+                        self._report(force=True)
                         self._throttle(k << cb)
                 finally:
                     self._release(claimed)

@@ -209,7 +209,10 @@ def test_move_in_use(hosts, pki, env, tmp_path, fmt, qemu):
             guest = Guest(local.uri, model, 7)
             guest.work(writes=10, reads=10)
             st = local.status()
-            assert st["state"] == "filling" and 0 < st["done"] < st["total"]
+            while st["total"] is None:          # the fill has just begun
+                time.sleep(0.05)
+                st = local.status()
+            assert st["state"] == "filling" and st["done"] < st["total"]
             assert st["source_reachable"] is True
             # Another consumer: qemu-io reads what the guest sees.
             off = 9 * MiB + 4096

@@ -21,7 +21,7 @@ import time
 import urllib.parse
 
 from nbdplug.disk import (DATA, EXTENT_HOLE, EXTENT_ZERO, ZERO, Disk, MiB,
-                          Run)
+                          Run, check_request)
 from nbdplug.errors import CorruptImage, ImageError, ReadOnlyDisk, UsageError
 
 SCHEMES = ("nbd://", "nbds://", "nbd+unix://", "nbds+unix://")
@@ -100,6 +100,14 @@ class NbdDisk(Disk):
             start = pos - offset
             view[start:start + n] = self._call("read", pos, self._h.pread,
                                                n, pos)
+
+    def read(self, count, offset):
+        # One request: libnbd's bytes as they are, without another copy.
+        if count > self.max_block:
+            return super().read(count, offset)
+        check_request(self, count, offset)
+        return memoryview(self._call("read", offset, self._h.pread, count,
+                                     offset))
 
     def pwrite(self, buf, offset, fua=False):
         self.check_writable()
@@ -282,6 +290,12 @@ class Reconnecting(Disk):
         self._retry(lambda disk: disk.pread(buf, offset))
         with self._lock:
             self.fetched += len(buf)
+
+    def read(self, count, offset):
+        data = self._retry(lambda disk: disk.read(count, offset))
+        with self._lock:
+            self.fetched += count
+        return data
 
     def map(self, count, offset):
         return self._retry(lambda disk: disk.map(count, offset))

@@ -54,8 +54,8 @@ def start(source, local, rate=0, progress=False, wait=True,
     migration.host_key(create=True)
     # Made under a temporary name and renamed when complete, so a crash
     # never leaves a LOCAL.qcow2 that does not read as the source.
-    tmp = os.path.join(os.path.dirname(os.path.abspath(local)),
-                       f".{os.path.basename(local)}.{os.getpid()}.new")
+    tmp = _temporary(local, os.getpid())
+    _remove_stale(local)
     try:
         spec.create(tmp, -(-size // 512) * 512, opts, None)
         file = HostFile(tmp, readonly=False)
@@ -119,7 +119,7 @@ def _follow(move, progress):
                                                      signal.SIGINT)}
     bar = None
     try:
-        move.start()
+        move.start(background=False)
         if progress:
             import tqdm     # only here: the plugin path never needs it
             bar = tqdm.tqdm(total=0, unit="B", unit_scale=True,
@@ -226,6 +226,22 @@ def cancel(local, timeout=30.0):
         move.record.state = migration.CANCELLED
         move.active, move.state = False, "cancelled"
         move._report(force=True)
+
+
+def _temporary(local, pid):
+    return os.path.join(os.path.dirname(os.path.abspath(local)),
+                        f".{os.path.basename(local)}.{pid}.new")
+
+
+def _remove_stale(local):
+    """Temporary images of starts that were killed before their rename."""
+    d = os.path.dirname(os.path.abspath(local))
+    head = f".{os.path.basename(local)}."
+    for name in os.listdir(d):
+        pid = name[len(head):-len(".new")]
+        if name.startswith(head) and name.endswith(".new") and \
+                pid.isdigit() and not _alive(int(pid)):
+            os.unlink(os.path.join(d, name))
 
 
 def _reachable(name):

@@ -339,3 +339,44 @@ def test_status_of_a_plain_image(tmp_path):
     proc = nbdplug("migrate", "resume", img, check=False)
     assert proc.returncode == 2 and "no move in progress" in proc.stderr
     assert fill.read_status(img) is None
+
+
+# --- another caller: tapbridge's blkif ring -------------------------------
+
+def test_tapbridge_serves_a_moving_disk(source, tmp_path):
+    """The ring reads the source through copy-on-read and writes land
+    locally; the move then completes under `migrate resume`."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "tapbridge"))
+    from tbharness import Backend, Frontend, ShmDir, sector_data
+    from tapbridge.abi import BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_RSP_OKAY
+    local = str(tmp_path / "local.qcow2")
+    start(source, local, "--no-wait")
+    model = bytearray(source.model)
+    shm = ShmDir(tmp_path / "shm", 16)
+    fe = Frontend(shm)
+    be = Backend(shm, local, fmt="qcow2")
+    segs = [(g, 0, 7) for g in range(8)]           # 32 KiB
+    try:
+        for req, sector in enumerate((3 * MiB // 512 + 8, 9 * MiB // 512,
+                                      18 * MiB // 512 + 3)):
+            fe.req(BLKIF_OP_READ, 2 * req, sector, segs)
+            fe.push()
+            assert fe.get(1)[0][2] == BLKIF_RSP_OKAY
+            off = sector * 512
+            assert shm.gather(segs) == model[off:off + 32768], off
+            for g in range(8):
+                shm.fill(g, sector_data(sector + 8 * g, 8, req))
+            fe.req(BLKIF_OP_WRITE, 2 * req + 1, sector + 64, segs)
+            fe.push()
+            assert fe.get(1)[0][2] == BLKIF_RSP_OKAY
+            model[off + 32768:off + 65536] = shm.gather(segs)
+    finally:
+        assert be.stop()[0] == 0
+        fe.close()
+        shm.close()
+    nbdplug("migrate", "resume", local)
+    source.stop()
+    with open_image(local) as disk:
+        assert_model(disk, model)
+    qemu_img_check_clean(local)

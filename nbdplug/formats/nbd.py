@@ -234,6 +234,7 @@ class Reconnecting(Disk):
         self.patience = patience
         self.stop = stop or threading.Event()
         self.fetched = 0
+        self.on_read = None     # called after each read (counts it)
         self.reachable = None
         self.down_since = None
         self.error = None
@@ -272,7 +273,11 @@ class Reconnecting(Disk):
                 return result
             except _SizeChanged:
                 raise
-            except ImageError as e:
+            except Exception as e:
+                # Another thread may have dropped this connection under
+                # us (its handle closed): that too is a try to repeat.
+                if not isinstance(e, ImageError) and disk is self._disk:
+                    raise
                 self._drop(disk)
                 self.reachable, self.error = False, str(e)
                 self.down_since = self.down_since or time.time()
@@ -280,7 +285,7 @@ class Reconnecting(Disk):
                     deadline - time.monotonic()
                 if self.stop.is_set() or (left is not None and left <= 0):
                     err = ImageError(self.path, "nbd", "source unreachable: "
-                                     f"{e.reason}")
+                                     f"{getattr(e, 'reason', e)}")
                     err.errno = errno.EIO
                     raise err from None
                 self.stop.wait(delay if left is None else min(delay, left))
@@ -288,14 +293,18 @@ class Reconnecting(Disk):
 
     def pread(self, buf, offset):
         self._retry(lambda disk: disk.pread(buf, offset))
-        with self._lock:
-            self.fetched += len(buf)
+        self._count(len(buf))
 
     def read(self, count, offset):
         data = self._retry(lambda disk: disk.read(count, offset))
-        with self._lock:
-            self.fetched += count
+        self._count(count)
         return data
+
+    def _count(self, n):
+        with self._lock:
+            self.fetched += n
+        if self.on_read is not None:
+            self.on_read()
 
     def map(self, count, offset):
         return self._retry(lambda disk: disk.map(count, offset))

@@ -88,6 +88,10 @@ class Move:
         self.source_name = disk.backing_name
         self.fetched_before = old.get("fetched", 0) \
             if old.get("source") == self.source_name else 0
+        # Every fetch is counted in the status at once, so a kill -9
+        # loses no count.
+        if isinstance(self.source, nbd.Reconnecting):
+            self.source.on_read = self._fetched
 
     # --- the request path -------------------------------------------------
 
@@ -108,7 +112,12 @@ class Move:
         claimed = self._claim(first, last - first + 1, wait=True)
         try:
             for c0, n in claimed:
-                self._copy(self.disk.backing, c0, n)
+                self._copy(self.source, c0, n)
+        except ImageError:
+            # A move that completed meanwhile closed the source: what is
+            # still missing then is what the source holds as zeros.
+            if self.active:
+                raise
         finally:
             self._release(claimed)
 
@@ -211,6 +220,8 @@ class Move:
             self.fill_sources = [nbd.Reconnecting(
                 d.backing.path, d.size, FILL_PATIENCE, self.stop)
                 for _ in range(FILL_WORKERS)]
+            for source in self.fill_sources:
+                source.on_read = self._fetched
         else:
             self.fill_sources = [d.backing] * FILL_WORKERS
         self.pause = 0.1
@@ -296,8 +307,7 @@ class Move:
                 self.error, self.pause = None, 0.1
             self.passed += min(c + n << cb, d.size) - (c << cb)
             self.done = max(self.done, self.passed)
-        # Said after each request, so a kill -9 loses no count.
-        self._report(force=bool(claimed))
+        self._report(force=bool(claimed))      # a local source's counts
 
     def _throttle(self, nbytes):
         with self.fill_lock:
@@ -375,6 +385,10 @@ class Move:
                 "source_reachable": getattr(source, "reachable", None),
                 "paused_since": self.paused_since, "error": self.error,
                 "updated": time.time()}
+
+    def _fetched(self):
+        if self.active and not self.disk.readonly:
+            self._report(force=True)
 
     def _report(self, force=False):
         now = time.monotonic()

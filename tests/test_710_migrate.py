@@ -68,6 +68,9 @@ def test_start_records_source_and_only_it_opens(source, tmp_path):
     st = json.loads(nbdplug("migrate", "status", "--output=json",
                             local).stdout)
     assert st["state"] == "filling" and st["source_reachable"] is True
+    facts = json.loads(nbdplug("info", "--output=json", local).stdout)
+    assert facts["format-specific"]["data"]["migration"] == "filling"
+    assert facts["backing-filename"] == source.uri
     with open_image(local) as disk:            # read-only: no fill, no store
         assert_model(disk, source.model)
     assert migrate.status(local)["fetched"] is None

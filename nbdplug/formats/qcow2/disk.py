@@ -81,6 +81,7 @@ class Qcow2Disk(Disk):
         self.compress = False           # write whole clusters compressed
         self.compress_tail = None       # next free byte for compressed data
         self.move = None                # a move from the source (fill.py)
+        self.moving = None              # its recorded state, for info
 
     @classmethod
     def open(cls, path, readonly, ctx):
@@ -112,6 +113,7 @@ class Qcow2Disk(Disk):
             disk.compress = bool(ctx.options.get("compress"))
             record = migration.verified(geo)
             if record is not None:
+                disk.moving = migration.STATES[record.state]
                 disk.backing = ctx.open_source(
                     path, FMT, geo.backing_name, geo.backing_format,
                     geo.size, "backing file")
@@ -734,6 +736,8 @@ class Qcow2Disk(Disk):
                               for b in found]
         if self.snapshot is not None:
             out["snapshot"] = self.snapshot.id
+        if self.moving is not None and self.backing_name is not None:
+            out["migration"] = self.moving
         return out
 
     def close(self):

@@ -82,6 +82,8 @@ class OpenContext:
         block device because migrate was told to read it."""
         if self.skip_backing:
             return None
+        if self.policy.no_backing:      # refuses, naming --no-backing
+            self.policy.resolve(referrer, name, referrer_fmt, field)
         if nbd.is_uri(name):
             return nbd.Reconnecting(name, size, SOURCE_PATIENCE)
         policy = _policy.OpenPolicy(

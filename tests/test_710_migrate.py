@@ -75,6 +75,8 @@ def test_start_records_source_and_only_it_opens(source, tmp_path):
         assert_model(disk, source.model)
     assert migrate.status(local)["fetched"] is None
 
+    proc = nbdplug("info", "--no-backing", local, check=False)
+    assert proc.returncode == 2 and "--no-backing" in proc.stderr
     # The same backing name written by anyone else is refused ...
     foreign = str(tmp_path / "foreign.qcow2")
     run(["qemu-img", "create", "-f", "qcow2", "-u", "-b", source.uri,

@@ -87,9 +87,8 @@ def resume(local, rate=None, progress=False, wait=True):
                                rate != move.record.rate):
             if rate is not None:
                 move.record.rate = rate
-            migration.write(disk.file, local, disk.backing_name,
-                            disk.backing_format, migration.FILLING,
-                            move.record.rate)
+            migration.set_state(disk.file, disk.geo, migration.FILLING,
+                                move.record.rate)
             move.record.state = migration.FILLING
             move.active = True
             move.state = "filling"
@@ -220,9 +219,8 @@ def cancel(local, timeout=30.0):
             from None
     with disk:
         move = _move_of(disk, local)
-        migration.write(disk.file, local, disk.backing_name,
-                        disk.backing_format, migration.CANCELLED,
-                        move.record.rate)
+        migration.set_state(disk.file, disk.geo, migration.CANCELLED,
+                            move.record.rate)
         move.record.state = migration.CANCELLED
         move.active, move.state = False, "cancelled"
         move._report(force=True)

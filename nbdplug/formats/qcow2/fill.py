@@ -325,9 +325,9 @@ class Move:
 
     def _finish(self):
         """If every cluster the source holds is local, drop the source:
-        flush, then one header write without backing name and record,
-        then wait for reads that may still be reading from it.  Returns
-        whether the move is complete."""
+        flush, then one header write without the backing name, then wait
+        for reads that may still be reading from it.  Returns whether the
+        move is complete."""
         d = self.disk
         for first, last in self.plan:
             for c in range(first, last + 1, 4096):
@@ -337,7 +337,7 @@ class Move:
                         return False
         d.flush()
         with d.lock:
-            migration.finish(d.file, d.path)
+            migration.finish(d.file)
             source = d.backing
             mark = d.seq
         # Reads planned before the switch may still read from the source.

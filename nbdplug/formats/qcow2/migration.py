@@ -12,8 +12,9 @@ backing name and format under a key that only this host has (written by
 remote backing, with or without a record, is still refused.
 
 The record also holds the move's state (filling, or cancelled) and the
-fill rate.  Completion drops the record and the backing name in the same
-one-cluster header write, so a crash leaves the move or its end.
+fill rate, changed in place.  Completion clears the backing name's
+offset and length in the header's first sector, one atomic write, so a
+crash leaves the move or its end.
 """
 
 import hashlib
@@ -110,14 +111,28 @@ def _pack(name, fmt, state, rate):
 
 
 def write(file, path, name, fmt, state=FILLING, rate=0):
-    """Point the image at source `name` (format `fmt`) and record the
-    move, in one header write."""
+    """Point a new image at source `name` (format `fmt`) and record the
+    move, in one header write (migrate start makes the image under a
+    temporary name, so this write need not be atomic)."""
     rewrite_backing(file, path, name, fmt, extensions={
         S.EXT_NBDPLUG_MIGRATION: _pack(name, fmt, state, rate)})
 
 
-def finish(file, path):
-    """Drop the backing name and the record in one durable header write:
-    every cluster the source holds is local."""
-    rewrite_backing(file, path, None, None,
-                    extensions={S.EXT_NBDPLUG_MIGRATION: None})
+def set_state(file, geo, state, rate):
+    """Change the recorded state and rate in place: fields that stay
+    valid whichever of them a torn write leaves."""
+    rec = S.MIGRATION_RECORD
+    at = geo.migration_at + rec.offset("state")
+    data = rec.pack(VERSION, state, bytes(6), rate, bytes(32))
+    file.pwrite(data[rec.offset("state"):rec.offset("mac")], at)
+    file.flush()
+
+
+def finish(file):
+    """Drop the backing name, durably, in one write to the header's first
+    sector (atomic on disk): every cluster the source holds is local.
+    The record and the backing format stay behind, read by nobody (a
+    record vouches only for the backing name it was made for)."""
+    field = S.HEADER_V2.offset("backing_file_offset")
+    file.pwrite(bytes(12), field)       # backing_file_offset and _size
+    file.flush()

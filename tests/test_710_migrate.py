@@ -106,6 +106,14 @@ def test_start_refuses_existing_and_bad_source(source, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert not (tmp_path / "b.qcow2").exists()
     assert [p for p in os.listdir(tmp_path) if p.endswith(".new")] == []
+    # nbdkit's memory plugin as the source, at a size qcow2 cannot hold.
+    import shlex
+    from conftest import NBDPLUG, REPO
+    cmd = " ".join(shlex.quote(a) for a in NBDPLUG) + \
+        f' migrate start "$uri" {tmp_path}/odd.qcow2'
+    proc = run(["nbdkit", "-U", "-", "memory", "size=1000", "--run", cmd],
+               check=False, cwd=REPO)
+    assert proc.returncode == 2 and "multiple of 512" in proc.stderr
 
 
 # --- a full move ------------------------------------------------------

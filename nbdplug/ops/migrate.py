@@ -45,6 +45,9 @@ def start(source, local, rate=0, progress=False, wait=True,
         name = os.path.realpath(source)
         with open_image(source, readonly=True, share=True) as disk:
             size, fmt = disk.size, disk.format_name
+    if size % 512:
+        raise UsageError(f"{source}: its size ({size}) is not a multiple "
+                         "of 512, which a qcow2 image needs")
     spec = FORMATS[FMT]
     opts = _options.parse(spec.create_options, dict(create_options or {}),
                           FMT)
@@ -57,7 +60,7 @@ def start(source, local, rate=0, progress=False, wait=True,
     tmp = _temporary(local, os.getpid())
     _remove_stale(local)
     try:
-        spec.create(tmp, -(-size // 512) * 512, opts, None)
+        spec.create(tmp, size, opts, None)
         file = HostFile(tmp, readonly=False)
         try:
             migration.write(file, tmp, name, fmt, rate=rate)
@@ -193,8 +196,8 @@ def status_lines(st):
     if st["filler"]:
         lines.append(f"filled by: pid {st['filler']}")
     if st["source_reachable"] is not None:
-        lines.append("source: " + ("reachable" if st["source_reachable"]
-                                   else "unreachable"))
+        lines.append("source reachable: " + ("yes" if st["source_reachable"]
+                                             else "no"))
     if st["error"] and st["state"] != "done":
         lines.append(f"last error: {st['error']}")
     return lines

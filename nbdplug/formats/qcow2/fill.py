@@ -177,7 +177,9 @@ class Move:
                 if d.map_.entry(c) != (0, 0):
                     continue
                 piece = view[i * cs:(i + 1) * cs]
-                if piece == zero:
+                # (Its first bytes settle most clusters without a full
+                # compare, which would hold the GIL.)
+                if piece[:16] == zero[:16] and piece == zero:
                     d._ensure_l2(c)
                     d.map_.set_entry(c, S.QCOW_OFLAG_ZERO)
                 else:

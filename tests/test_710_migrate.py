@@ -12,7 +12,7 @@ import time
 import pytest
 
 from conftest import nbdplug, qemu_img_check_clean, qemu_img_info, run
-from migration import MiB, SourceServer, guest_writes, source_image
+from migration import MiB, SourceServer, source_image
 from nbdplug import opener
 from nbdplug.errors import ImageError
 from nbdplug.formats.qcow2 import fill

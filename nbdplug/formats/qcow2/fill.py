@@ -5,8 +5,8 @@ While a qcow2 image's verified record says the move is on, a read of a
 cluster the image does not hold fetches the whole cluster from the source
 and stores it before answering, and a thread copies the clusters that the
 source's allocation map says hold data, in order, at the recorded rate.
-When every one is local, the backing name and the record go in one
-header write and the disk has no tie to the source any more.
+When every one is local, one write to the header's first sector drops
+the backing name and the disk has no tie to the source any more.
 
 Rules that keep it correct, whoever drives the disk:
 

@@ -8,7 +8,9 @@ Every figure is measured in the same run as its peer, on this machine:
   plugin; sequential 1 MiB and random 4 KiB reads and writes at QD1 and
   QD16, and two connections at QD16;
 - `nbdplug convert` against `qemu-img convert`;
-- tapbridge's shared-memory blkif ring against the same driver over NBD.
+- tapbridge's shared-memory blkif ring against the same driver over NBD;
+- `nbdplug migrate`: the fill against nbdcopy of the same export, and
+  4 KiB read latency on local clusters during the fill against idle.
 
 Medians of several rounds with [min-max], each with a ratio to its peer.
 Results go to bench/results/ (git ignores it): bench.json, bench.md and
@@ -31,10 +33,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
 import convert_bench  # noqa: E402
+import migrate_bench  # noqa: E402
 import nbd_bench  # noqa: E402
 import tapbridge_bench  # noqa: E402
 
-PARTS = ("nbd", "convert", "tapbridge")
+PARTS = ("nbd", "convert", "tapbridge", "migrate")
 
 
 def ratios(results):
@@ -49,6 +52,12 @@ def ratios(results):
         out.append((f"convert {pair} (vs qemu-img)", row["ratio"]))
     for key, row in results.get("tapbridge", {}).items():
         out.append((f"tapbridge ring {key} (vs NBD)", row["ratio"]))
+    if "migrate" in results:
+        m = results["migrate"]
+        out.append(("migrate fill (vs nbdcopy)", m["fill"]["ratio"]))
+        # Latency: lower is better, so idle / during fill.
+        out.append(("migrate 4K read latency during fill (vs idle)",
+                    1 / m["latency"]["ratio"]))
     return out
 
 
@@ -92,6 +101,8 @@ def main():
             results["convert"] = convert_bench.run(workdir)
         if "tapbridge" in parts:
             results["tapbridge"] = tapbridge_bench.run(workdir)
+        if "migrate" in parts:
+            results["migrate"] = migrate_bench.run(workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(),
@@ -108,6 +119,8 @@ def main():
         table += convert_bench.markdown(results["convert"])
     if "tapbridge" in results:
         table += tapbridge_bench.markdown(results["tapbridge"])
+    if "migrate" in results:
+        table += migrate_bench.markdown(results["migrate"])
     with open(os.path.join(args.out, "bench.md"), "w") as f:
         f.write(table)
     chart(ratios(results), os.path.join(args.out, "bench.png"))

@@ -12,6 +12,8 @@ from nbdplug.cache import Cache
 from nbdplug.disk import BACKING, COMPRESSED, DATA, ZERO
 from nbdplug.errors import CorruptImage
 from . import structs as S
+from . import overlap
+from .overlap import ACTIVE_L1, ACTIVE_L2
 from .refcount import load_table
 
 FMT = "qcow2"
@@ -46,6 +48,8 @@ class Mapping:
         self.cache = Cache(max(4, L2_CACHE_BYTES // geo.cluster_size),
                            lambda offset, _: self.owned.pop(offset, None))
         self.bad = {}       # l2 offset -> {index: reason}, entries refused
+        # Where metadata lies, for a writer (see overlap.py); empty here.
+        self.overlaps = overlap.empty(geo, path)
         # Compressed descriptor split (see the spec's x).
         self.csize_shift = 62 - (geo.cluster_bits - 8)
         self.coffset_mask = (1 << self.csize_shift) - 1
@@ -162,6 +166,7 @@ class Mapping:
         offset = self.l1[l1_index] & S.L1E_OFFSET_MASK
         table = self.l2_table(offset)
         i = cluster & (self.l2_entries - 1)
+        self.overlaps.check(offset, self.cluster_size, ACTIVE_L2)
         if self.extended:
             table[2 * i], table[2 * i + 1] = entry, bitmap
             self.file.pwrite(struct.pack(">QQ", entry, bitmap),
@@ -182,6 +187,7 @@ class Mapping:
             offset = self.l1[cluster >> self.l2_bits] & S.L1E_OFFSET_MASK
             table = self.l2_table(offset)
             first = cluster & (self.l2_entries - 1)
+            self.overlaps.check(offset, self.cluster_size, ACTIVE_L2)
             packed = bytearray()
             j = i
             while j < len(updates) and updates[j][0] == cluster + (j - i) \
@@ -201,9 +207,19 @@ class Mapping:
             i = j
 
     def set_l1(self, l1_index, entry):
+        """Write one L1 entry through; the overlap map follows the L2
+        table it leaves and the one it points at."""
+        self.overlaps.check(self.l1_offset + 8 * l1_index, 8, ACTIVE_L1)
+        old = self.l1[l1_index] & S.L1E_OFFSET_MASK
         self.l1[l1_index] = entry
         self.file.pwrite(struct.pack(">Q", entry),
                          self.l1_offset + 8 * l1_index)
+        new = entry & S.L1E_OFFSET_MASK
+        if new:
+            self.overlaps.add(new, self.cluster_size, ACTIVE_L2)
+        if old and old != new and old not in self.l1 and \
+                old | S.QCOW_OFLAG_COPIED not in self.l1:
+            self.overlaps.remove(old, self.cluster_size, ACTIVE_L2)
 
     # --- decoding --------------------------------------------------------
 

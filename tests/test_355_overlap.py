@@ -20,7 +20,7 @@ from nbdplug import open_image
 from nbdplug.errors import CorruptImage
 from nbdplug.formats.qcow2 import structs as S
 from nbdplug.formats.qcow2.header import read_header
-from nbdplug.formats.qcow2.refcount import load_table
+from nbdplug.formats.qcow2.tables import load_table
 from nbdplug.hostfile import HostFile
 
 KiB, MiB = 1 << 10, 1 << 20

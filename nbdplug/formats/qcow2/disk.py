@@ -23,10 +23,10 @@ from nbdplug.layout import be64_bytes
 from . import bitmaps, overlap, structs as S
 from .check import check
 from .compress import compress, decompress
-from .header import read_header
+from .header import read_header, writable_problem
 from .mapping import Mapping
 from .refcount import Refcounts
-from .snapshot import find, read_snapshots
+from .snapshot import find, l1_problem, read_snapshots
 
 FMT = "qcow2"
 _NOT_PLAIN = S.QCOW_OFLAG_COMPRESSED | S.QCOW_OFLAG_ZERO
@@ -45,6 +45,10 @@ class Qcow2Disk(Disk):
             size = snapshot.disk_size if snapshot.disk_size is not None \
                 else geo.size
             l1_offset, l1_size = snapshot.l1_table_offset, snapshot.l1_size
+            problem = l1_problem(snapshot, geo, file.size())
+            if problem:
+                raise CorruptImage(path, FMT, f"snapshot {snapshot.id}: "
+                                   f"{problem}", "snapshot table")
             if l1_size < geo.l1_needed(size):
                 raise CorruptImage(path, FMT, "snapshot L1 table is too "
                                    "small for its disk size",
@@ -105,6 +109,14 @@ class Qcow2Disk(Disk):
                 raise CorruptImage(path, FMT, "image is corrupt; cannot be "
                                    "opened read/write (see nbdplug check)",
                                    "incompatible_features")
+            problem = None if readonly else \
+                writable_problem(geo, file.size())
+            if problem:
+                raise CorruptImage(path, FMT, f"{problem[1]}; cannot be "
+                                   "opened read/write", problem[0])
+            # As qemu, refuse damaged bitmaps (their data is not needed
+            # to read the guest's, but qemu-img will not open the image).
+            bitmaps.read_bitmaps(file, geo, path)
             snapshots, snapshot_bytes = read_snapshots(file, geo, path)
             snap = None
             key = ctx.options.get("snapshot")
@@ -743,10 +755,7 @@ class Qcow2Disk(Disk):
             out["corrupt"] = bool(geo.incompatible_features &
                                   S.INCOMPAT_CORRUPT)
             out["extended-l2"] = self.extended
-        try:
-            found = bitmaps.read_bitmaps(self.file, geo, self.path)
-        except CorruptImage:
-            found = []          # the guest's data is readable without them
+        found = bitmaps.read_bitmaps(self.file, geo, self.path)
         if found:
             out["bitmaps"] = [{"flags": b.flags, "name": b.name,
                                "granularity": b.granularity}
@@ -766,12 +775,9 @@ class Qcow2Disk(Disk):
 def _bitmap_directory(file, geo, path):
     """(offset, length) of the bitmap directory qemu would load, or
     None."""
-    try:
-        if not bitmaps.read_bitmaps(file, geo, path):
-            return None
-    except CorruptImage:
-        return None             # stale from our first write on anyway
-    _, length, offset = geo.bitmaps
+    if not bitmaps.read_bitmaps(file, geo, path):
+        return None
+    _, length, offset, _ = geo.bitmaps
     return offset, length
 
 

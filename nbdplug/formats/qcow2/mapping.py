@@ -14,7 +14,7 @@ from nbdplug.errors import CorruptImage
 from . import structs as S
 from . import overlap
 from .overlap import ACTIVE_L1, ACTIVE_L2
-from .refcount import load_table
+from .tables import load_table
 
 FMT = "qcow2"
 L2_CACHE_BYTES = 32 << 20
@@ -29,7 +29,9 @@ _NOT_OWNED_PLAIN = S.QCOW_OFLAG_COPIED | S.QCOW_OFLAG_COMPRESSED | \
 
 
 class Mapping:
-    def __init__(self, file, geo, path, l1_offset, l1_size):
+    def __init__(self, file, geo, path, l1_offset, l1_size, validate=True):
+        """The mapping through the L1 table at `l1_offset`; `validate`
+        refuses an unaligned L1 entry now (check judges them itself)."""
         self.file = file
         self.path = path
         self.geo = geo
@@ -54,7 +56,7 @@ class Mapping:
         self.csize_shift = 62 - (geo.cluster_bits - 8)
         self.coffset_mask = (1 << self.csize_shift) - 1
         self.csize_mask = (1 << (geo.cluster_bits - 8)) - 1
-        for i, entry in enumerate(self.l1):
+        for i, entry in enumerate(self.l1 if validate else ()):
             if (entry & S.L1E_OFFSET_MASK) % geo.cluster_size:
                 raise CorruptImage(path, FMT, f"L1 entry {i} is not "
                                    "cluster aligned", "L1 table")
@@ -116,13 +118,15 @@ class Mapping:
         bad = {}
         for i in range(0, len(table), step):
             entry = table[i]
-            if not entry:
+            if not entry and not (self.extended and table[i + 1]):
                 continue
             reason = None
             if entry & S.QCOW_OFLAG_COMPRESSED:
                 host, length = self.compressed_extent(entry)
                 if host + length > size + 512 or host < cs:
                     reason = "compressed data lies outside the file"
+                elif self.extended and table[i + 1]:
+                    reason = "compressed cluster with a subcluster bitmap"
             elif entry & S.L2E_STD_RESERVED:
                 reason = "reserved bits set or offset not cluster aligned"
             else:

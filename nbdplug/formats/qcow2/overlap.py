@@ -9,8 +9,9 @@ and follows every table the driver allocates or moves.
 
 from nbdplug.errors import UnsupportedFeature
 from nbdplug.formats.overlap import Overlaps
-from nbdplug.layout import be64_array
 from . import structs as S
+from .snapshot import l1_problem
+from .tables import load_table
 
 FMT = "qcow2"
 
@@ -59,7 +60,10 @@ def build(file, geo, path, l1, refcount_table, snapshots, snapshot_bytes,
         if entry & S.REFT_OFFSET_MASK:
             out.add(entry & S.REFT_OFFSET_MASK, cs, REFCOUNT_BLOCK)
     out.add(geo.snapshots_offset, snapshot_bytes, SNAPSHOT_TABLE)
-    tables = {(s.l1_table_offset, s.l1_size) for s in snapshots}
+    # A snapshot table entry whose L1 table is unusable guards nothing
+    # (check reports it; the snapshot cannot be opened).
+    tables = {(s.l1_table_offset, s.l1_size) for s in snapshots
+              if not l1_problem(s, geo, file.size())}
     if sum(size for _, size in tables) * 8 > MAX_INACTIVE_L1_BYTES:
         raise UnsupportedFeature(path, FMT, "snapshot L1 tables of more "
                                  f"than {MAX_INACTIVE_L1_BYTES >> 20} MiB "
@@ -67,7 +71,7 @@ def build(file, geo, path, l1, refcount_table, snapshots, snapshot_bytes,
                                  "read-only", "snapshot table")
     for offset, size in sorted(tables):
         out.add(offset, 8 * size, INACTIVE_L1)
-        for entry in be64_array(file.read(8 * size, offset)):
+        for entry in load_table(file, offset, size):
             if entry & S.L1E_OFFSET_MASK:
                 out.add(entry & S.L1E_OFFSET_MASK, cs, INACTIVE_L2)
     if bitmap_directory is not None:

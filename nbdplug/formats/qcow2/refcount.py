@@ -12,18 +12,14 @@ import struct
 
 from nbdplug.cache import Cache
 from nbdplug.errors import CorruptImage, UnsupportedFeature
-from nbdplug.layout import be64_array, be64_bytes
+from nbdplug.layout import be64_bytes
 from . import structs as S
+from .tables import load_table
 from . import overlap
 from .overlap import MAIN_HEADER, REFCOUNT_BLOCK, REFCOUNT_TABLE
 
 FMT = "qcow2"
 BLOCK_CACHE = 64                # refcount blocks kept in memory
-
-
-def load_table(file, offset, entries):
-    """`entries` big-endian u64 table entries from the file."""
-    return be64_array(file.read(entries * 8, offset))
 
 
 class Refcounts:

@@ -22,4 +22,9 @@ def check_image(path, format=None, repair=None, policy=None):
     if spec.check is None:
         raise CheckUnsupported(path, fmt,
                                "this image format does not support checks")
-    return spec.check(path, new_context(path, policy), repair)
+    try:
+        return spec.check(path, new_context(path, policy), repair)
+    except UnsupportedFeature as e:
+        if e.field == "repair":         # checks, but cannot repair
+            raise CheckUnsupported(e.path, e.fmt, e.reason) from None
+        raise

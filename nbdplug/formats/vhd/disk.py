@@ -445,7 +445,9 @@ class VhdDisk(Disk):
             pos = max(pos, round_up(end, SECTOR))
 
     def _allocated(self, start, end):
-        """Host bytes allocated in [start, end)."""
+        """Host bytes allocated in [start, end) (of the file: a block
+        may claim to reach past its end)."""
+        end = min(end, self.file.size())
         total = 0
         while start < end:
             data = self.file.next_data(start)

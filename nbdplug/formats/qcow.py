@@ -57,6 +57,10 @@ MAX_L1_BYTES = 32 << 20
 # L2 tables kept in memory (each is at most 64 KiB).
 L2_CACHE_BYTES = 8 << 20
 
+# Where a reader takes the end of the file to be: what lies past the real
+# end reads as zeros (HostFile.pread), as qemu reads it.
+READER_LIMIT = 1 << 62
+
 # What a writer guards (nbdplug/formats/overlap.py): the L2 tables, by
 # sector, since qcow does not require them to be cluster aligned.  The
 # header, backing name and L1 table need no guard: no entry may point
@@ -236,9 +240,12 @@ class QcowDisk(Disk):
             if (len(l1) - l1.count(0)) * geo.l2_bytes > file_size:
                 raise CorruptImage(path, FORMAT, "L1 table refers to more L2 "
                                    "tables than the file holds", "L1 table")
+            # A reader, as qemu, takes tables and clusters past the end of
+            # the file as zeros; a writer refuses them.
+            limit = file_size if not readonly else READER_LIMIT
             for index, l2_offset in enumerate(l1):
                 if l2_offset:
-                    problem = geo.table_problem(l2_offset, file_size)
+                    problem = geo.table_problem(l2_offset, limit)
                     if problem:
                         raise CorruptImage(path, FORMAT, problem,
                                            f"L1 entry {index}")
@@ -330,13 +337,13 @@ class QcowDisk(Disk):
         table = be64_array(self.file.read(self.geo.l2_bytes, l2_offset))
         # Two C-speed tests pass a table of plain clusters; the loop
         # names the bad entry (and checks compressed ones).
+        limit = READER_LIMIT if self.readonly else self._file_size
         top = max(table)
         if top and (top >= QCOW_OFLAG_COMPRESSED or
-                    top + self.cluster_size > self._file_size or
+                    top + self.cluster_size > limit or
                     min(set(table) - {0}) < self.geo.metadata_end):
             for index, entry in enumerate(table):
-                problem = entry and self.geo.entry_problem(entry,
-                                                           self._file_size)
+                problem = entry and self.geo.entry_problem(entry, limit)
                 if problem:
                     self._corrupt(problem, f"L2 table at {l2_offset:#x} "
                                   f"entry {index}")

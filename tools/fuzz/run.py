@@ -16,6 +16,8 @@ Bad classes (a fuzz round must show none):
   refuses clean   qemu reads it and checks it clean, we refuse it
   bytes differ    both read it, not the same bytes
   check disagrees qemu-img check and ours end with different exit codes
+                  (qcow2); qemu-img finds corruption ours does not (VMDK:
+                  qemu checks only for grains past the end, ours more)
   write damage    our writes to an image qemu checks clean left one qemu
                   finds corrupt, or that reads back other than written
 A refusal matching one of the deliberate refusals the README lists is
@@ -41,6 +43,13 @@ BAD = ("traceback", "hang", "memory", "input modified", "accepts corrupt",
 # Formats whose check both sides run (qemu-img checks vhdx, we do not;
 # qemu-img does not check vpc or qcow).
 CHECKED = ("qcow2", "vmdk")
+
+
+def check_disagrees(fmt, ours, theirs):
+    """Whether the two checks' exit codes disagree (see BAD)."""
+    if fmt == "qcow2":
+        return ours != theirs
+    return theirs == 2 and ours != 2
 
 
 def deliberate_refusals():
@@ -177,7 +186,8 @@ def judge(image, fmt, work, worker, write=True, allowed=None):
     if not q_reads and o_reads and q_info[0] is not None:
         classes["accepts corrupt"] = facts["qemu"]["error"]
     if fmt in CHECKED and q_check[0] is not None and \
-            o_check["rc"] is not None and q_check[0] != o_check["rc"]:
+            o_check["rc"] is not None and \
+            check_disagrees(fmt, o_check["rc"], q_check[0]):
         classes["check disagrees"] = \
             f"qemu-img check {q_check[0]}, ours {o_check['rc']}"
 

@@ -52,7 +52,9 @@ class VhdDisk(Disk):
         try:
             geom = validate(file, path)
             bat = read_bat(file, geom) if geom.disk_type != FIXED else None
-            if bat is not None:
+            # A reader, as qemu, takes blocks that overlap or reach past
+            # the end of the file (zeros there); a writer refuses them.
+            if bat is not None and not readonly:
                 for field, message in block_problems(geom, bat, file.size()):
                     raise CorruptImage(path, FMT, message, field)
             disk = cls(file, geom, bat, readonly)

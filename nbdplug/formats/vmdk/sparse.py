@@ -37,12 +37,11 @@ from nbdplug.disk import BACKING, COMPRESSED, DATA, ZERO
 from nbdplug.errors import CorruptImage, UnsupportedFeature
 from . import descriptor
 from .extent import Extent
-from .structs import (COMPRESSION_DEFLATE, COMPRESSION_NONE, FLAG_COMPRESSED,
-                      FLAG_MARKERS, FLAG_REDUNDANT_GD,
+from .structs import (COMPRESSION_DEFLATE, FLAG_MARKERS, FLAG_REDUNDANT_GD,
                       FLAG_ZEROED_GRAIN, GD_AT_END, GRAIN_MARKER, GTE_SIZE,
-                      KNOWN_FLAGS, MARKER_EOS, MARKER_FOOTER, METADATA_MARKER,
-                      SECTOR, SPARSE_HEADER, SPARSE_MAGIC,
-                      ZEROED_GRAIN, compress_bound)
+                      MARKER_EOS, MARKER_FOOTER, METADATA_MARKER, SECTOR,
+                      SPARSE_HEADER, SPARSE_MAGIC, ZEROED_GRAIN,
+                      compress_bound)
 
 FMT = "vmdk"
 
@@ -95,16 +94,12 @@ def read_geometry(file, path, file_size):
         raise corrupt("not a hosted sparse extent", "magicNumber")
     if hdr.version not in (1, 2, 3):
         raise unsupported(f"{hdr.version} is not supported", "version")
-    if hdr.flags & ~KNOWN_FLAGS:
-        raise unsupported(f"unknown bits {hdr.flags & ~KNOWN_FLAGS:#x}",
-                          "flags")
+    # Unknown flags are ignored, as qemu ignores them.
     # The end-of-line test characters (a text-mode transfer would damage
     # them) are not checked: qemu ignores them, and the tables say more.
-    compressed = bool(hdr.flags & FLAG_COMPRESSED)
-    if hdr.compressAlgorithm not in (COMPRESSION_NONE, COMPRESSION_DEFLATE) \
-            or compressed and hdr.compressAlgorithm != COMPRESSION_DEFLATE:
-        raise unsupported(f"{hdr.compressAlgorithm} is not supported",
-                          "compressAlgorithm")
+    # As qemu: the algorithm says whether grains are compressed (deflate)
+    # or not (any other value); the flag does not.
+    compressed = hdr.compressAlgorithm == COMPRESSION_DEFLATE
     if hdr.flags & FLAG_MARKERS and not compressed:
         raise unsupported("markers without compression are not supported",
                           "flags")

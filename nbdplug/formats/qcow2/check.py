@@ -16,6 +16,7 @@ only rebuilding the refcount structures would mend is left, reported.
 """
 
 import array
+import collections
 import struct
 
 from nbdplug.errors import ImageError
@@ -161,6 +162,12 @@ def _check_l1(mapping, counter, report, stats):
     if not mapping.l1:
         return
     counter.add(mapping.l1_offset, len(mapping.l1) * 8)
+    # A table several entries point at is read once, what it holds
+    # counted for each (a hostile L1 can repeat one offset millions of
+    # times); one wholly past the end of the file reads as zeros.
+    repeated = {offset for offset, n in collections.Counter(
+        e & S.L1E_OFFSET_MASK for e in mapping.l1 if e).items() if n > 1}
+    seen = {}
     for l1e in mapping.l1:
         if not l1e:
             continue
@@ -172,7 +179,40 @@ def _check_l1(mapping, counter, report, stats):
         if offset % cs:
             report.corrupt(f"l2_offset={offset:x}: Table is not cluster "
                            "aligned; L1 entry corrupted")
+        if offset >= counter.file_size:
+            continue
+        if offset in repeated:
+            if offset not in seen:
+                seen[offset] = _Found()
+                _check_l2(mapping, offset, seen[offset], seen[offset],
+                          seen[offset].stats)
+            seen[offset].count(counter, report, stats)
+            continue
         _check_l2(mapping, offset, counter, report, stats)
+
+
+class _Found:
+    """What one L2 table references and what is wrong with it, to count
+    again for every entry that points at it."""
+
+    def __init__(self):
+        self.adds, self.errors = [], []
+        self.stats = {"allocated": 0, "compressed": 0, "fragmented": 0}
+
+    def add(self, offset, length):
+        self.adds.append((offset, length))
+
+    def corrupt(self, message):
+        self.errors.append(message)
+
+    def count(self, counter, report, stats):
+        for offset, length in self.adds:
+            counter.add(offset, length)
+        for message in self.errors:
+            report.corrupt(message)
+        if stats is not None:
+            for key, n in self.stats.items():
+                stats[key] += n
 
 
 def _check_l2(mapping, l2_offset, counter, report, stats):

@@ -52,10 +52,13 @@ class VhdDisk(Disk):
         try:
             geom = validate(file, path)
             bat = read_bat(file, geom) if geom.disk_type != FIXED else None
-            # A reader, as qemu, takes blocks that overlap or reach past
-            # the end of the file (zeros there); a writer refuses them.
-            if bat is not None and not readonly:
-                for field, message in block_problems(geom, bat, file.size()):
+            # A reader, as qemu, takes blocks that overlap metadata or
+            # each other; a writer refuses them.  Both refuse a block
+            # past the end of the file (qemu: "the image has been
+            # truncated").
+            if bat is not None:
+                for field, message in block_problems(
+                        geom, bat, file.size(), overlaps=not readonly):
                     raise CorruptImage(path, FMT, message, field)
             disk = cls(file, geom, bat, readonly)
             if geom.disk_type == DIFFERENCING:

@@ -238,9 +238,9 @@ def read_bat(file, geom):
     return bat
 
 
-def block_problems(geom, bat, file_size):
-    """(field, message) for each block outside the file or overlapping
-    metadata or another block."""
+def block_problems(geom, bat, file_size, overlaps=True):
+    """(field, message) for each block outside the file or (with
+    `overlaps`) overlapping metadata or another block."""
     span = geom.bitmap_size + geom.block_size
     metadata = geom.metadata()
     blocks = sorted((entry * SECTOR, i) for i, entry in enumerate(bat)
@@ -251,6 +251,8 @@ def block_problems(geom, bat, file_size):
         if end > file_size:
             yield field, (f"block at {start} lies past the end of the file "
                           f"({file_size})")
+        if not overlaps:
+            continue
         for m_start, m_len, name in metadata:
             if start < m_start + m_len and m_start < end:
                 yield field, f"block at {start} overlaps the {name}"

@@ -4,14 +4,16 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test test-kernel install demo bench clean
+.PHONY: setup test test-kernel install demo bench fuzz clean
 
 setup:
 	@./tools/setup.sh
 
-# The host tests, then the kernel lane.
+# The host tests, a short seeded round of the differential fuzzer (no
+# case may show a bad class), then the kernel lane.
 test: setup
 	$(PY) -m pytest -q
+	$(PY) tools/fuzz --seed 1 --cases 300 --formats qcow2 --strict
 	./tools/kernel-lane.sh
 
 # The tests marked kernel, inside Debian's stock kernel under QEMU.
@@ -36,6 +38,15 @@ demo: setup
 
 bench: setup
 	$(PY) bench/bench.py
+
+# The differential fuzzer against qemu-img for FUZZ_SECONDS (or
+# FUZZ_CASES cases) of every format, keeping each case with a bad class
+# under tests/fuzz_cases (replayed by tests/test_900_fuzz_cases.py).
+FUZZ_SECONDS ?= 600
+FUZZ_SEED ?= $(shell date +%s)
+fuzz: setup
+	$(PY) tools/fuzz --save --jobs 2 --seed $(FUZZ_SEED) \
+		$(if $(FUZZ_CASES),--cases $(FUZZ_CASES),--seconds $(FUZZ_SECONDS))
 
 clean:
 	rm -rf $(VENV) .pytest_cache bench/results

@@ -8,16 +8,18 @@ stderr and exits 2; nothing prints a traceback at a person.
 
 import argparse
 import json
+import os
 import re
+import signal
 import sys
 
-from .errors import ImageError, UnsupportedFeature, UsageError
+from .errors import ImageError, UsageError
 from .formats import FORMATS
 from .opener import open_image
 from .ops import info
 from .options import parse_size, split_options
 from .policy import OpenPolicy
-from .report import EXIT_UNSUPPORTED
+from .report import EXIT_INCOMPLETE, EXIT_UNSUPPORTED
 
 PROG = "nbdplug"
 
@@ -79,13 +81,18 @@ def cmd_create(args):
 # --- check ------------------------------------------------------------
 
 def cmd_check(args):
-    from .ops.check import check_image
+    # Exit codes as qemu-img check's (see report.py): a format without a
+    # check is 63, an image that cannot be opened a check not done (1).
+    from .ops.check import CheckUnsupported, check_image
     try:
         report = check_image(args.image, args.format, repair=args.repair,
                              policy=policy_from(args))
-    except UnsupportedFeature as e:
+    except CheckUnsupported as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return EXIT_UNSUPPORTED
+    except (ImageError, OSError) as e:
+        print(f"{PROG}: {_one_line(e)}", file=sys.stderr)
+        return EXIT_INCOMPLETE
     if args.output == "json":
         print(json.dumps(report.to_json(), indent=4))
     else:
@@ -396,6 +403,14 @@ VERBS = [
 ]
 
 
+def _one_line(e):
+    """What a person is told about a user error or a failed system call."""
+    if isinstance(e, OSError):
+        where = f"{e.filename}: " if e.filename else ""
+        return f"{where}{e.strerror or e}"
+    return str(e)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         raise UsageError(message)
@@ -425,13 +440,16 @@ def main(argv=None, verbs=None, prog=PROG, description=DESCRIPTION):
         if not getattr(args, "handler", None):
             parser.print_help()
             return 2
-        return args.handler(args) or 0
-    except (UsageError, ImageError) as e:
-        print(f"{prog}: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"{prog}: {where}{e.strerror or e}", file=sys.stderr)
+        code = args.handler(args) or 0
+        sys.stdout.flush()          # a closed pipe shows here, not at exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (`nbdplug info IMG | head -3`): end quietly,
+        # as a program killed by SIGPIPE does.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+    except (UsageError, ImageError, OSError) as e:
+        print(f"{prog}: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

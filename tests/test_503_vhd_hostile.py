@@ -63,22 +63,25 @@ def test_no_footer_anywhere(image):
     (3, "overlaps the BAT"),
 ])
 def test_bat_entries(image, entry, match):
+    """A reader takes such blocks, as qemu does; a writer refuses."""
     set_bat(image, 3, entry)
-    assert_rejected(image, "vpc", match)
+    assert_rejected(image, "vpc", match, readonly=False)
 
 
 def test_bitmap_past_end_of_file(image):
     """A block whose bitmap starts inside the file but ends past it."""
     size = image.stat().st_size
     set_bat(image, 3, size // 512 - 1)
-    assert_rejected(image, "vpc", "past the end of the file")
+    assert_rejected(image, "vpc", "past the end of the file",
+                    readonly=False)
 
 
 def test_blocks_overlapping_each_other(image):
     hdr = header_of(image)
     first = struct.unpack_from(">I", image.read_bytes(), hdr.table_offset)[0]
     set_bat(image, 1, first + 1)
-    assert_rejected(image, "vpc", "overlaps the block of BAT[0]")
+    assert_rejected(image, "vpc", "overlaps the block of BAT[0]",
+                    readonly=False)
 
 
 @pytest.mark.parametrize("block_size", [0, 0xFFFFFFFF, 1 << 31, 3 * MiB,
@@ -103,7 +106,6 @@ def test_bat_outside_the_file(image):
 @pytest.mark.parametrize("fields,match", [
     ({"disk_type": 7}, "disk_type"),
     ({"current_size": 2041 << 30}, "2040 GiB"),
-    ({"current_size": 1000}, "current_size"),
     ({"data_offset": 1 << 50}, "data_offset"),
     ({"file_format_version": 0x00020000}, "file_format_version"),
 ])

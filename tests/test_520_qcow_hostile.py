@@ -107,12 +107,19 @@ CASES = {
 }
 
 
+WRITER_ONLY = ("L1 entry past EOF", "L2 entry past EOF",
+               "compressed past EOF")
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_hostile_image_is_refused(case, tmp_path):
     make, match = CASES[case]
     path = tmp_path / "bad.qcow"
     make(path)
-    assert_rejected(path, "qcow", match)
+    # Past the end of the file is zeros to a reader (as to qemu); only a
+    # writer refuses those.
+    assert_rejected(path, "qcow", match,
+                    readonly=case not in WRITER_ONLY)
 
 
 

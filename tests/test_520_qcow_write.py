@@ -281,10 +281,11 @@ def test_check_finds_corruption(damage, message, tmp_path):
     proc = nbdplug("check", "-f", "qcow", image, check=False)
     assert proc.returncode == 2
     assert message in proc.stdout
-    # The driver refuses the image at open, naming the entry.
+    # A writer refuses the image at open, naming the entry (a reader
+    # takes a cluster past the end of the file as zeros, as qemu does).
     if damage != "overlap":
         with pytest.raises(CorruptImage, match="entry 5"):
-            open_image(image, "qcow")
+            open_image(image, "qcow", readonly=damage == "into_l1")
 
 
 def test_bad_compressed_cluster_fails_reads_and_stops_writes(tmp_path):

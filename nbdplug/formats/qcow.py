@@ -29,6 +29,7 @@ from nbdplug.cache import Cache
 from nbdplug.disk import (BACKING, COMPRESSED, DATA, Disk, FormatSpec, Run,
                           add_run)
 from nbdplug.errors import CorruptImage, UnsupportedFeature, UsageError
+from nbdplug.formats.overlap import Overlaps
 from nbdplug.hostfile import HostFile
 from nbdplug.layout import Layout, be64_array, be64_bytes
 
@@ -56,8 +57,16 @@ MAX_L1_BYTES = 32 << 20
 # L2 tables kept in memory (each is at most 64 KiB).
 L2_CACHE_BYTES = 8 << 20
 
-# Kinds of guest range in a mapping walk.
+# Where a reader takes the end of the file to be: what lies past the real
+# end reads as zeros (HostFile.pread), as qemu reads it.
+READER_LIMIT = 1 << 62
 
+# What a writer guards (nbdplug/formats/overlap.py): the L2 tables, by
+# sector, since qcow does not require them to be cluster aligned.  The
+# header, backing name and L1 table need no guard: no entry may point
+# below their end, and new clusters go past the end of the file.
+L2_TABLE = 1
+GUARDED = {L2_TABLE: "L2 table"}
 
 
 def _align_up(n, alignment):
@@ -204,6 +213,11 @@ class QcowDisk(Disk):
         # Guards the tables, their cache and allocation; held across the
         # data writes of an allocation, never across plain reads/writes.
         self._lock = threading.Lock()
+        self._overlaps = Overlaps(9, file.path, FORMAT, GUARDED)
+        if not readonly:
+            for l2_offset in l1:
+                if l2_offset:
+                    self._overlaps.add(l2_offset, geo.l2_bytes, L2_TABLE)
 
     # --- open / create ------------------------------------------------
 
@@ -226,12 +240,17 @@ class QcowDisk(Disk):
             if (len(l1) - l1.count(0)) * geo.l2_bytes > file_size:
                 raise CorruptImage(path, FORMAT, "L1 table refers to more L2 "
                                    "tables than the file holds", "L1 table")
+            # A reader, as qemu, takes tables and clusters past the end of
+            # the file as zeros; a writer refuses them.
+            limit = file_size if not readonly else READER_LIMIT
             for index, l2_offset in enumerate(l1):
                 if l2_offset:
-                    problem = geo.table_problem(l2_offset, file_size)
+                    problem = geo.table_problem(l2_offset, limit)
                     if problem:
                         raise CorruptImage(path, FORMAT, problem,
                                            f"L1 entry {index}")
+            if not readonly:
+                _refuse_shared_tables(l1, geo, path)
             disk = cls(file, geo, l1, readonly)
             # Validate every L2 table now, so a bad one is refused at
             # open rather than met halfway through serving.
@@ -318,13 +337,13 @@ class QcowDisk(Disk):
         table = be64_array(self.file.read(self.geo.l2_bytes, l2_offset))
         # Two C-speed tests pass a table of plain clusters; the loop
         # names the bad entry (and checks compressed ones).
+        limit = READER_LIMIT if self.readonly else self._file_size
         top = max(table)
         if top and (top >= QCOW_OFLAG_COMPRESSED or
-                    top + self.cluster_size > self._file_size or
+                    top + self.cluster_size > limit or
                     min(set(table) - {0}) < self.geo.metadata_end):
             for index, entry in enumerate(table):
-                problem = entry and self.geo.entry_problem(entry,
-                                                           self._file_size)
+                problem = entry and self.geo.entry_problem(entry, limit)
                 if problem:
                     self._corrupt(problem, f"L2 table at {l2_offset:#x} "
                                   f"entry {index}")
@@ -433,6 +452,7 @@ class QcowDisk(Disk):
         view = memoryview(buf)
         with self._lock:
             segments = self._segments(offset, len(view))
+            self._guard(segments)
             if any(kind != DATA for _, _, kind, _ in segments):
                 self._write_allocating(view, offset, segments)
                 segments = ()
@@ -491,6 +511,7 @@ class QcowDisk(Disk):
         placed = {}
         for l1_index, table in tables.items():
             offset = self._end
+            self._overlaps.add(offset, self.geo.l2_bytes, L2_TABLE)
             self.file.pwrite(be64_bytes(table), offset)
             self._end += _align_up(self.geo.l2_bytes, size)
             self._cache(offset, table)
@@ -548,7 +569,7 @@ class QcowDisk(Disk):
         plain ones: a crash in between leaves entries to punched space,
         which reads as zeros, an allowed result of a trim."""
         mask = (1 << self.geo.l2_bits) - 1
-        punches = []
+        clears, punches = [], []
         cluster = first
         while cluster < last:
             l1_index = cluster >> self.geo.l2_bits
@@ -559,10 +580,14 @@ class QcowDisk(Disk):
                 lo, hi = cluster & mask, ((stop - 1) & mask) + 1
                 old = table[lo:hi]
                 if any(old):
-                    self._set_entries(l2_offset, lo, [0] * (hi - lo))
+                    clears.append((l2_offset, lo, hi))
                     punches += [e for e in old
                                 if e and not e & QCOW_OFLAG_COMPRESSED]
             cluster = stop
+        self._guard([(0, self.cluster_size, DATA, host)
+                     for host in punches])
+        for l2_offset, lo, hi in clears:
+            self._set_entries(l2_offset, lo, [0] * (hi - lo))
         for host in punches:
             with contextlib.suppress(OSError):      # freeing is best effort
                 self.file.punch(host, self.cluster_size)
@@ -574,6 +599,7 @@ class QcowDisk(Disk):
         self.check_writable()
         with self._lock:
             segments = self._segments(offset, count)
+            self._guard(segments)
         for pos, length, kind, where in segments:
             if kind == DATA:
                 try:
@@ -591,6 +617,18 @@ class QcowDisk(Disk):
             self.file.flush()
 
     # --- checks -------------------------------------------------------
+
+    def _guard(self, segments):
+        """Before guest data is written to (or punched from) the DATA
+        segments' host bytes: refuse, and stop writing, if an L2 table
+        lies there (a hostile or damaged entry)."""
+        try:
+            for _, length, kind, host in segments:
+                if kind == DATA:
+                    self._overlaps.check(host, length)
+        except CorruptImage as e:
+            self.stop_writing(e)
+            raise
 
     def _corrupt(self, reason, field):
         """Inconsistent metadata met while serving: refuse writes from now
@@ -671,6 +709,17 @@ class QcowDisk(Disk):
     def close(self):
         super().close()
         self.file.close()
+
+
+def _refuse_shared_tables(l1, geo, path):
+    """A writer refuses L2 tables that share bytes: writing an entry of
+    one would change the other's."""
+    offsets = sorted(offset for offset in l1 if offset)
+    for a, b in zip(offsets, offsets[1:]):
+        if a + geo.l2_bytes > b:
+            raise CorruptImage(path, FORMAT, f"L2 tables at {a:#x} and "
+                               f"{b:#x} overlap; open it read-only",
+                               "L1 table")
 
 
 class _Space:

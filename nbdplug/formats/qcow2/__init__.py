@@ -1,9 +1,10 @@
 """qcow2 (versions 2 and 3), written from qemu's docs/interop/qcow2.txt.
 
 The package splits where the format divides: structs (layouts and
-constants), header (parse and validate), mapping (L1/L2), refcount
-(counts and allocation), compress, snapshot, bitmaps, disk (the driver),
-create, check, resize and rebase.
+constants), tables (reading them), header (parse and validate), mapping
+(L1/L2), refcount (counts and allocation), overlap (what a write must not
+land on), compress, snapshot, bitmaps, disk (the driver), create, check,
+resize and rebase.
 """
 
 from nbdplug.disk import FormatSpec

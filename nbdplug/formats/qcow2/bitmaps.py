@@ -13,16 +13,20 @@ import typing
 
 from nbdplug.errors import CorruptImage
 from . import structs as S
-from .refcount import load_table
+from .tables import load_table, read_at
 
 FMT = "qcow2"
 
 # qemu's limits, which bound what a hostile image can make us read.
 MAX_BITMAPS = 65535
-MAX_DIRECTORY_BYTES = 64 << 20
+MAX_DIRECTORY_BYTES = 1024 * MAX_BITMAPS
 MAX_TABLE_ENTRIES = 1 << 27
+MAX_BITMAP_BYTES = 512 << 20    # of bitmap data one bitmap may store
+MAX_NAME_BYTES = 1023
 MIN_GRANULARITY_BITS, MAX_GRANULARITY_BITS = 9, 31
 FLAG_NAMES = {0: "in-use", 1: "auto"}
+KNOWN_FLAGS = 3
+TYPE_DIRTY_TRACKING = 1
 ENTRY_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 
 
@@ -36,60 +40,73 @@ class Bitmap(typing.NamedTuple):
 
 def parse_extension(data, path):
     """The extension's (count, directory size, directory offset)."""
-    if len(data) < S.BITMAPS_EXTENSION.size:
-        raise CorruptImage(path, FMT, "bitmaps extension is too short",
+    if len(data) != S.BITMAPS_EXTENSION.size:
+        raise CorruptImage(path, FMT, "invalid extension length",
                            "bitmaps extension")
     ext = S.BITMAPS_EXTENSION.unpack_from(data)
-    return ext.nb_bitmaps, ext.directory_size, ext.directory_offset
+    return ext.nb_bitmaps, ext.directory_size, ext.directory_offset, \
+        ext.reserved
 
 
 def read_bitmaps(file, geo, path):
     """The bitmaps the image holds; [] without the extension or once its
-    autoclear bit is clear (they are stale then)."""
+    autoclear bit is clear (they are stale then).  Validated as qemu
+    validates them when it opens the image (which it refuses otherwise);
+    what lies past the end of the file reads as zeros."""
     if geo.bitmaps is None or not \
             geo.autoclear_features & S.AUTOCLEAR_BITMAPS:
         return []
-    count, size, offset = geo.bitmaps
+    count, size, offset, reserved = geo.bitmaps
 
     def bad(msg):
         return CorruptImage(path, FMT, msg, "bitmaps extension")
+    if reserved:
+        raise bad("reserved field is not zero")
     if not 0 < count <= MAX_BITMAPS:
         raise bad(f"{count} bitmaps (1-{MAX_BITMAPS} allowed)")
-    if not S.BITMAP_ENTRY.size <= size <= MAX_DIRECTORY_BYTES:
+    if not 0 < size <= MAX_DIRECTORY_BYTES:
         raise bad(f"bitmap directory of {size} bytes")
-    if offset % geo.cluster_size or offset + size > file.size():
-        raise bad(f"bitmap directory at {offset:#x} is not aligned or "
-                  "lies past the end of the file")
-    directory = file.read(size, offset)
+    if offset % geo.cluster_size or offset + size >= 1 << 63:
+        raise bad(f"invalid bitmap directory offset {offset:#x}")
+    directory = bytes(read_at(file, size, offset))
     out = []
     pos = 0
-    for i in range(count):
+    while pos < size:
         if pos + S.BITMAP_ENTRY.size > size:
-            raise bad(f"bitmap directory ends inside entry {i}")
+            raise bad("broken bitmap directory")
+        if len(out) == count:
+            raise bad("more bitmaps found than the extension says")
         e = S.BITMAP_ENTRY.unpack_from(directory, pos)
         name_at = pos + S.BITMAP_ENTRY.size + e.extra_data_size
         pos = -(-(name_at + e.name_size) // 8) * 8
         if pos > size:
-            raise bad(f"bitmap {i} runs past the directory")
-        if not MIN_GRANULARITY_BITS <= e.granularity_bits <= \
-                MAX_GRANULARITY_BITS:
-            raise bad(f"bitmap {i}: granularity_bits "
-                      f"{e.granularity_bits} out of range")
-        granularity = 1 << e.granularity_bits
-        needed = -(-(-(-geo.size // granularity)) // (geo.cluster_size * 8))
-        if e.table_size != needed or e.table_size > MAX_TABLE_ENTRIES:
-            raise bad(f"bitmap {i}: table of {e.table_size} entries for "
-                      f"a disk that needs {needed}")
-        if e.table_offset % geo.cluster_size or \
-                e.table_offset + 8 * e.table_size > file.size():
-            raise bad(f"bitmap {i}: table at {e.table_offset:#x} is not "
-                      "aligned or lies past the end of the file")
-        name = bytes(directory[name_at:name_at + e.name_size]).decode(
+            raise bad("broken bitmap directory")
+        name = directory[name_at:name_at + e.name_size].decode(
             errors="replace")
+        if e.extra_data_size or not _sound(e, geo):
+            raise bad(f"bitmap {name!r} does not satisfy the constraints")
         flags = [n for b, n in FLAG_NAMES.items() if e.flags >> b & 1]
-        out.append(Bitmap(name, granularity, flags, e.table_offset,
-                          e.table_size))
+        out.append(Bitmap(name, 1 << e.granularity_bits, flags,
+                          e.table_offset, e.table_size))
+    if len(out) != count:
+        raise bad("fewer bitmaps found than the extension says")
     return out
+
+
+def _sound(e, geo):
+    """qemu's constraints on a directory entry."""
+    cs = geo.cluster_size
+    if not e.table_size or not e.table_offset or e.table_offset % cs or \
+            e.table_size > MAX_TABLE_ENTRIES or \
+            not MIN_GRANULARITY_BITS <= e.granularity_bits <= \
+            MAX_GRANULARITY_BITS or e.flags & ~KNOWN_FLAGS or \
+            e.name_size > MAX_NAME_BYTES or e.type != TYPE_DIRTY_TRACKING:
+        return False
+    stored = e.table_size * cs             # bytes of bitmap the table maps
+    if stored > MAX_BITMAP_BYTES:
+        return False
+    in_use = e.flags & 1
+    return in_use or geo.size <= (stored * 8) << e.granularity_bits
 
 
 def references(file, geo, bitmaps):
@@ -97,7 +114,7 @@ def references(file, geo, bitmaps):
     directory, each table and each table's data clusters."""
     if not bitmaps:
         return
-    _, size, offset = geo.bitmaps
+    _, size, offset, _ = geo.bitmaps
     yield offset, size, "bitmap directory"
     step = 1 << 16          # table entries read at a time: bounded memory
     for b in bitmaps:

@@ -20,14 +20,14 @@ import threading
 from nbdplug.disk import BACKING, COMPRESSED, DATA, ZERO, Disk, Run
 from nbdplug.errors import CorruptImage, UsageError
 from nbdplug.layout import be64_bytes
-from . import bitmaps, migration, structs as S
+from . import bitmaps, migration, overlap, structs as S
 from .check import check
 from .compress import compress, decompress
 from .fill import Move
-from .header import read_header
+from .header import read_header, writable_problem
 from .mapping import Mapping
 from .refcount import Refcounts
-from .snapshot import find, read_snapshots
+from .snapshot import find, l1_problem, read_snapshots
 
 FMT = "qcow2"
 _NOT_PLAIN = S.QCOW_OFLAG_COMPRESSED | S.QCOW_OFLAG_ZERO
@@ -38,13 +38,18 @@ class Qcow2Disk(Disk):
     can_trim = True
     can_zero = True
 
-    def __init__(self, file, geo, readonly, path, snapshots, snapshot=None):
+    def __init__(self, file, geo, readonly, path, snapshots, snapshot=None,
+                 snapshot_bytes=0):
         size = geo.size
         l1_offset, l1_size = geo.l1_table_offset, geo.l1_size
         if snapshot is not None:
             size = snapshot.disk_size if snapshot.disk_size is not None \
                 else geo.size
             l1_offset, l1_size = snapshot.l1_table_offset, snapshot.l1_size
+            problem = l1_problem(snapshot, geo, file.size())
+            if problem:
+                raise CorruptImage(path, FMT, f"snapshot {snapshot.id}: "
+                                   f"{problem}", "snapshot table")
             if l1_size < geo.l1_needed(size):
                 raise CorruptImage(path, FMT, "snapshot L1 table is too "
                                    "small for its disk size",
@@ -69,9 +74,15 @@ class Qcow2Disk(Disk):
         self.cond = threading.Condition(self.lock)
         self.map_ = Mapping(file, geo, path, l1_offset, l1_size)
         self.refs = None
+        # Where metadata lies: every write is checked against it first.
+        self.overlaps = self.map_.overlaps
         if not readonly:
             self.refs = Refcounts(file, geo, path)
             self.refs.validate()
+            self.overlaps = self.map_.overlaps = self.refs.overlaps = \
+                overlap.build(file, geo, path, self.map_.l1,
+                              self.refs.table, snapshots, snapshot_bytes,
+                              _bitmap_directory(file, geo, path))
         self.busy = set()           # guest clusters being allocated
         self.pending = []           # (seq, host cluster) to decrement
         self.inflight = {}          # I/O token -> True, oldest first
@@ -101,7 +112,15 @@ class Qcow2Disk(Disk):
                 raise CorruptImage(path, FMT, "image is corrupt; cannot be "
                                    "opened read/write (see nbdplug check)",
                                    "incompatible_features")
-            snapshots, _ = read_snapshots(file, geo, path)
+            problem = None if readonly else \
+                writable_problem(geo, file.size())
+            if problem:
+                raise CorruptImage(path, FMT, f"{problem[1]}; cannot be "
+                                   "opened read/write", problem[0])
+            # As qemu, refuse damaged bitmaps (their data is not needed
+            # to read the guest's, but qemu-img will not open the image).
+            bitmaps.read_bitmaps(file, geo, path)
+            snapshots, snapshot_bytes = read_snapshots(file, geo, path)
             snap = None
             key = ctx.options.get("snapshot")
             if key is not None:
@@ -109,7 +128,8 @@ class Qcow2Disk(Disk):
                     raise UsageError("a snapshot can only be opened "
                                      "read-only")
                 snap = find(snapshots, key, path)
-            disk = cls(file, geo, readonly, path, snapshots, snap)
+            disk = cls(file, geo, readonly, path, snapshots, snap,
+                       snapshot_bytes)
             disk.compress = bool(ctx.options.get("compress"))
             record = migration.verified(geo)
             if record is not None:
@@ -267,8 +287,9 @@ class Qcow2Disk(Disk):
         if self.prepared:
             return
         if self.geo.version >= 3 and self.geo.autoclear_features:
-            self.file.pwrite(bytes(8), S.HEADER_V3.offset(
-                "autoclear_features"))
+            pos = S.HEADER_V3.offset("autoclear_features")
+            self.overlaps.check(pos, 8, overlap.MAIN_HEADER)
+            self.file.pwrite(bytes(8), pos)
             self.file.flush()
         self.prepared = True
 
@@ -282,6 +303,7 @@ class Qcow2Disk(Disk):
                 host = self._plain_host(offset, len(data), True) \
                     if self.prepared and not self.busy else None
                 if host is not None:
+                    self.overlaps.check(host, len(data))
                     token = self._io_start()
             if host is None:
                 self._write(data, offset)
@@ -352,6 +374,10 @@ class Qcow2Disk(Disk):
         return host + a
 
     def _write_inplace(self, pieces):
+        """Write guest data (host offset, bytes) pieces, contiguous ones
+        in one call, after checking that none lands on metadata."""
+        for host, piece in pieces:
+            self.overlaps.check(host, len(piece))
         i = 0
         while i < len(pieces):
             host, piece = pieces[i]
@@ -457,6 +483,8 @@ class Qcow2Disk(Disk):
                     (sectors << self.map_.csize_shift)
                 plans.append((c, blob, host, desc, drop))
         for c, blob, host, desc, drop in plans:
+            self.overlaps.check(host, len(blob))
+        for c, blob, host, desc, drop in plans:
             self.file.pwrite(blob, host)
         self.file.flush()
         with self.lock:
@@ -512,6 +540,7 @@ class Qcow2Disk(Disk):
         if old and entry & S.QCOW_OFLAG_COPIED:
             return
         new = self.refs.alloc() << self.cluster_bits
+        self.overlaps.check(new, self.cluster_size)
         if old:
             table = self.map_.l2_table(old)
             content = bytearray(be64_bytes(table))
@@ -653,8 +682,17 @@ class Qcow2Disk(Disk):
         with self.lock:
             batch, self.pending = self.pending, []
         self.file.flush()
-        if not batch:
+        if not batch or self.stopped is not None:
             return
+        try:
+            self._release(batch)
+        except CorruptImage as e:
+            self.stop_writing(e)
+            raise
+
+    def _release(self, batch):
+        """Decrement the refcounts of clusters whose references a flush
+        made durably gone."""
         with self.lock:
             oldest = next(iter(self.inflight), None)
             keep = []
@@ -673,8 +711,15 @@ class Qcow2Disk(Disk):
             self.pending = keep + self.pending
 
     def _punch(self, cluster):
+        offset = cluster << self.cluster_bits
         try:
-            self.file.punch(cluster << self.cluster_bits, self.cluster_size)
+            # A freed cluster that is still metadata: refcounts are wrong.
+            self.overlaps.check(offset, self.cluster_size)
+        except CorruptImage as e:
+            self.stop_writing(e)
+            return
+        try:
+            self.file.punch(offset, self.cluster_size)
         except OSError as e:
             if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS,
                                errno.EINVAL):
@@ -726,10 +771,7 @@ class Qcow2Disk(Disk):
             out["corrupt"] = bool(geo.incompatible_features &
                                   S.INCOMPAT_CORRUPT)
             out["extended-l2"] = self.extended
-        try:
-            found = bitmaps.read_bitmaps(self.file, geo, self.path)
-        except CorruptImage:
-            found = []          # the guest's data is readable without them
+        found = bitmaps.read_bitmaps(self.file, geo, self.path)
         if found:
             out["bitmaps"] = [{"flags": b.flags, "name": b.name,
                                "granularity": b.granularity}
@@ -748,6 +790,15 @@ class Qcow2Disk(Disk):
                 self.flush()
             self.file.close()
         super().close()
+
+
+def _bitmap_directory(file, geo, path):
+    """(offset, length) of the bitmap directory qemu would load, or
+    None."""
+    if not bitmaps.read_bitmaps(file, geo, path):
+        return None
+    _, length, offset, _ = geo.bitmaps
+    return offset, length
 
 
 def _bit_ranges(bits):

@@ -35,7 +35,7 @@ class Geometry:
     data_file_name: str
     feature_names: dict
     extensions_end: int         # first byte after the extension area
-    bitmaps: tuple              # (count, directory size, offset) or None
+    bitmaps: tuple      # (count, directory size, offset, reserved) or None
     migration: bytes = None     # our migration record, unverified
     migration_at: int = None    # where its data lies in the file
 
@@ -78,8 +78,9 @@ class Geometry:
         return -(-(self.size if size is None else size) // span)
 
 
-def read_header(file, path):
-    """Parse, validate and return the Geometry of the image in `file`."""
+def read_header(file, path, check=False):
+    """Parse, validate and return the Geometry of the image in `file`
+    (for `check`, as qemu-img check takes it: a little more leniently)."""
     file_size = file.size()
 
     def bad(field, reason):
@@ -102,9 +103,9 @@ def read_header(file, path):
             h.compatible_features
         autoclear, refcount_order = h.autoclear_features, h.refcount_order
         header_length = h.header_length
-        if header_length < 104 or header_length % 8:
+        if header_length < 104:
             raise bad("header_length", f"{header_length} is invalid "
-                      "(at least 104, a multiple of 8)")
+                      "(at least 104)")
         if header_length > cluster_size:
             raise bad("header_length", "larger than a cluster")
         compression = h.compression_type if header_length > 104 else 0
@@ -127,11 +128,13 @@ def read_header(file, path):
         if length > S.MAX_BACKING_NAME:
             raise bad("backing_file_size", f"backing file name of {length} "
                       f"bytes is longer than {S.MAX_BACKING_NAME}")
-        if off < header_length or off + length > len(first):
+        # As qemu: inside the first cluster, the name ending at a NUL.
+        if off + length > cluster_size:
             raise bad("backing_file_offset", "backing file name does not "
-                      "lie in the first cluster after the header")
+                      "lie in the first cluster")
         try:
-            backing_name = first[off:off + length].decode()
+            backing_name = bytes(first[off:off + length]).split(
+                b"\0", 1)[0].decode() or None
         except UnicodeDecodeError:
             raise bad("backing_file_offset", "backing file name is not "
                       "UTF-8") from None
@@ -160,6 +163,10 @@ def read_header(file, path):
     if extended and v2.cluster_bits < 14:
         raise bad("cluster_bits", "extended L2 entries need clusters of "
                   "at least 16 KiB")
+    if autoclear & S.AUTOCLEAR_DATA_FILE_RAW and not \
+            incompatible & S.INCOMPAT_DATA_FILE:
+        raise bad("autoclear_features", "data-file-raw requires a data "
+                  "file")
     if incompatible & S.INCOMPAT_DATA_FILE:
         raise UnsupportedFeature(path, FMT, "external data files are not "
                                  "supported", "incompatible_features")
@@ -167,7 +174,9 @@ def read_header(file, path):
         raise bad("size", "virtual size is too large")
 
     geo = Geometry(
-        version=v2.version, cluster_bits=v2.cluster_bits, size=v2.size,
+        # qemu reads the size in whole sectors
+        version=v2.version, cluster_bits=v2.cluster_bits,
+        size=v2.size // 512 * 512,
         l1_size=v2.l1_size, l1_table_offset=v2.l1_table_offset,
         refcount_table_offset=v2.refcount_table_offset,
         refcount_table_clusters=v2.refcount_table_clusters,
@@ -182,42 +191,57 @@ def read_header(file, path):
 
     _check_table(path, "L1 table", "l1_table_offset", geo.l1_table_offset,
                  geo.l1_size * 8, S.MAX_L1_BYTES, cluster_size, file_size)
-    if geo.l1_size < geo.l1_needed():
+    if geo.l1_size < geo.l1_needed(v2.size):
         raise bad("l1_size", "L1 table is too small for the virtual size")
     _check_table(path, "refcount table", "refcount_table_offset",
                  geo.refcount_table_offset,
                  geo.refcount_table_clusters * cluster_size,
                  S.MAX_REFTABLE_BYTES, cluster_size, file_size)
-    if geo.refcount_table_clusters == 0:
-        raise bad("refcount_table_clusters", "image has no refcount table")
     if geo.nb_snapshots > S.MAX_SNAPSHOTS:
         raise bad("nb_snapshots", f"{geo.nb_snapshots} snapshots exceed "
                   f"the limit of {S.MAX_SNAPSHOTS}")
-    if geo.nb_snapshots:
-        _check_table(path, "snapshot table", "snapshots_offset",
-                     geo.snapshots_offset,
-                     geo.nb_snapshots * S.SNAPSHOT_ENTRY.size,
-                     S.MAX_SNAPSHOT_TABLE_BYTES, cluster_size, file_size)
+    _check_table(path, "snapshot table", "snapshots_offset",
+                 geo.snapshots_offset, geo.nb_snapshots * S.SNAPSHOT_ENTRY.size,
+                 S.MAX_SNAPSHOT_TABLE_BYTES, cluster_size, file_size)
+    if not geo.refcount_table_clusters and not check:
+        # qemu-img check opens it (and finds every refcount wrong).
+        raise bad("refcount_table_clusters", "image does not contain a "
+                  "refcount table")
     return geo
 
 
 def _check_table(path, name, field, offset, length, limit, cluster_size,
                  file_size):
-    """A table must be cluster aligned, not over the header, bounded in
-    size, and inside the file."""
+    """A table must be bounded in size and cluster aligned.  Like qemu, a
+    reader takes one over the header or past the end of the file (what
+    lies past the end reads as zeros, and check reports it); a writer
+    asks writable_problem() first."""
     if length > limit:
         raise CorruptImage(path, FMT, f"{name} of {length} bytes is too "
                            f"large (limit {limit})", field)
-    if length == 0:
-        return
     if offset % cluster_size:
         raise CorruptImage(path, FMT, f"{name} is not cluster aligned",
                            field)
-    if offset == 0:
-        raise CorruptImage(path, FMT, f"{name} overlaps the header", field)
-    if offset + length > file_size:
-        raise CorruptImage(path, FMT, f"{name} lies past the end of the "
-                           "file", field)
+    if offset + length >= 1 << 63:
+        raise CorruptImage(path, FMT, f"{name} offset is invalid", field)
+
+
+def writable_problem(geo, file_size):
+    """Why the tables a writer updates do not lie where it may write
+    them (after the header, inside the file), or None."""
+    cs = geo.cluster_size
+    if not geo.refcount_table_clusters:
+        return "refcount_table_clusters", "image has no refcount table"
+    for name, field, offset, length in (
+            ("L1 table", "l1_table_offset", geo.l1_table_offset,
+             8 * geo.l1_size),
+            ("refcount table", "refcount_table_offset",
+             geo.refcount_table_offset, geo.refcount_table_clusters * cs)):
+        if length and offset == 0:
+            return field, f"{name} overlaps the header"
+        if offset + length > file_size:
+            return field, f"{name} lies past the end of the file"
+    return None
 
 
 def _read_extensions(first, start, path):

@@ -12,7 +12,9 @@ from nbdplug.cache import Cache
 from nbdplug.disk import BACKING, COMPRESSED, DATA, ZERO
 from nbdplug.errors import CorruptImage
 from . import structs as S
-from .refcount import load_table
+from . import overlap
+from .overlap import ACTIVE_L1, ACTIVE_L2
+from .tables import load_table
 
 FMT = "qcow2"
 L2_CACHE_BYTES = 32 << 20
@@ -27,7 +29,9 @@ _NOT_OWNED_PLAIN = S.QCOW_OFLAG_COPIED | S.QCOW_OFLAG_COMPRESSED | \
 
 
 class Mapping:
-    def __init__(self, file, geo, path, l1_offset, l1_size):
+    def __init__(self, file, geo, path, l1_offset, l1_size, validate=True):
+        """The mapping through the L1 table at `l1_offset`; `validate`
+        refuses an unaligned L1 entry now (check judges them itself)."""
         self.file = file
         self.path = path
         self.geo = geo
@@ -46,11 +50,13 @@ class Mapping:
         self.cache = Cache(max(4, L2_CACHE_BYTES // geo.cluster_size),
                            lambda offset, _: self.owned.pop(offset, None))
         self.bad = {}       # l2 offset -> {index: reason}, entries refused
+        # Where metadata lies, for a writer (see overlap.py); empty here.
+        self.overlaps = overlap.empty(geo, path)
         # Compressed descriptor split (see the spec's x).
         self.csize_shift = 62 - (geo.cluster_bits - 8)
         self.coffset_mask = (1 << self.csize_shift) - 1
         self.csize_mask = (1 << (geo.cluster_bits - 8)) - 1
-        for i, entry in enumerate(self.l1):
+        for i, entry in enumerate(self.l1 if validate else ()):
             if (entry & S.L1E_OFFSET_MASK) % geo.cluster_size:
                 raise CorruptImage(path, FMT, f"L1 entry {i} is not "
                                    "cluster aligned", "L1 table")
@@ -112,13 +118,15 @@ class Mapping:
         bad = {}
         for i in range(0, len(table), step):
             entry = table[i]
-            if not entry:
+            if not entry and not (self.extended and table[i + 1]):
                 continue
             reason = None
             if entry & S.QCOW_OFLAG_COMPRESSED:
                 host, length = self.compressed_extent(entry)
                 if host + length > size + 512 or host < cs:
                     reason = "compressed data lies outside the file"
+                elif self.extended and table[i + 1]:
+                    reason = "compressed cluster with a subcluster bitmap"
             elif entry & S.L2E_STD_RESERVED:
                 reason = "reserved bits set or offset not cluster aligned"
             else:
@@ -162,6 +170,7 @@ class Mapping:
         offset = self.l1[l1_index] & S.L1E_OFFSET_MASK
         table = self.l2_table(offset)
         i = cluster & (self.l2_entries - 1)
+        self.overlaps.check(offset, self.cluster_size, ACTIVE_L2)
         if self.extended:
             table[2 * i], table[2 * i + 1] = entry, bitmap
             self.file.pwrite(struct.pack(">QQ", entry, bitmap),
@@ -182,6 +191,7 @@ class Mapping:
             offset = self.l1[cluster >> self.l2_bits] & S.L1E_OFFSET_MASK
             table = self.l2_table(offset)
             first = cluster & (self.l2_entries - 1)
+            self.overlaps.check(offset, self.cluster_size, ACTIVE_L2)
             packed = bytearray()
             j = i
             while j < len(updates) and updates[j][0] == cluster + (j - i) \
@@ -201,9 +211,19 @@ class Mapping:
             i = j
 
     def set_l1(self, l1_index, entry):
+        """Write one L1 entry through; the overlap map follows the L2
+        table it leaves and the one it points at."""
+        self.overlaps.check(self.l1_offset + 8 * l1_index, 8, ACTIVE_L1)
+        old = self.l1[l1_index] & S.L1E_OFFSET_MASK
         self.l1[l1_index] = entry
         self.file.pwrite(struct.pack(">Q", entry),
                          self.l1_offset + 8 * l1_index)
+        new = entry & S.L1E_OFFSET_MASK
+        if new:
+            self.overlaps.add(new, self.cluster_size, ACTIVE_L2)
+        if old and old != new and old not in self.l1 and \
+                old | S.QCOW_OFLAG_COPIED not in self.l1:
+            self.overlaps.remove(old, self.cluster_size, ACTIVE_L2)
 
     # --- decoding --------------------------------------------------------
 

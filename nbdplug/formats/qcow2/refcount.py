@@ -12,16 +12,14 @@ import struct
 
 from nbdplug.cache import Cache
 from nbdplug.errors import CorruptImage, UnsupportedFeature
-from nbdplug.layout import be64_array, be64_bytes
+from nbdplug.layout import be64_bytes
 from . import structs as S
+from .tables import load_table
+from . import overlap
+from .overlap import MAIN_HEADER, REFCOUNT_BLOCK, REFCOUNT_TABLE
 
 FMT = "qcow2"
 BLOCK_CACHE = 64                # refcount blocks kept in memory
-
-
-def load_table(file, offset, entries):
-    """`entries` big-endian u64 table entries from the file."""
-    return be64_array(file.read(entries * 8, offset))
 
 
 class Refcounts:
@@ -40,6 +38,8 @@ class Refcounts:
         self.blocks = Cache(BLOCK_CACHE)            # offset -> bytearray
         self.end = -(-file.size() // self.cluster_size)
         self.free_hint = 0
+        # Where metadata lies, for a writer (see overlap.py); empty here.
+        self.overlaps = overlap.empty(geo, path)
 
     def validate(self):
         """Every refcount block a writer may touch is aligned and inside
@@ -131,6 +131,7 @@ class Refcounts:
                     block[pos] = (block[pos] & ~(self.max << shift) &
                                   0xFF) | (value << shift)
                 lo, hi = (i0 * bits) // 8, ((i1 * bits) - 1) // 8 + 1
+            self.overlaps.check(offset, self.cluster_size, REFCOUNT_BLOCK)
             self.file.pwrite(block[lo:hi], offset + lo)
             c += i1 - i0
 
@@ -158,6 +159,8 @@ class Refcounts:
                 break
             self._new_block(home, None if table is self.table else table)
         offset = where << self.cluster_bits
+        self.overlaps.check(offset, self.cluster_size)
+        self.overlaps.add(offset, self.cluster_size, REFCOUNT_BLOCK)
         block = bytearray(self.cluster_size)
         self.blocks.put(offset, block)
         self.end = where + 1
@@ -170,6 +173,8 @@ class Refcounts:
         self.file.flush()
         table[index] = offset
         if table is self.table:
+            self.overlaps.check(self.table_offset + index * 8, 8,
+                                REFCOUNT_TABLE)
             self.file.pwrite(struct.pack(">Q", offset),
                              self.table_offset + index * 8)
         return offset
@@ -213,13 +218,19 @@ class Refcounts:
             len(self.table) // per_cluster
         self.end = start + clusters
         self._set_in(table, start, 1, clusters)
-        self.file.pwrite(be64_bytes(table), start << self.cluster_bits)
+        new_offset = start << self.cluster_bits
+        self.overlaps.check(new_offset, clusters * self.cluster_size)
+        self.file.pwrite(be64_bytes(table), new_offset)
         self.file.flush()
         pos = S.HEADER_V2.offset("refcount_table_offset")
-        self.file.pwrite(struct.pack(">QI", start << self.cluster_bits,
-                                     clusters), pos)
+        self.overlaps.check(pos, 12, MAIN_HEADER)
+        self.file.pwrite(struct.pack(">QI", new_offset, clusters), pos)
         self.file.flush()
-        self.table, self.table_offset = table, start << self.cluster_bits
+        self.table, self.table_offset = table, new_offset
+        self.overlaps.remove(old_offset, old_clusters * self.cluster_size,
+                             REFCOUNT_TABLE)
+        self.overlaps.add(new_offset, clusters * self.cluster_size,
+                          REFCOUNT_TABLE)
         for c in range(old_offset >> self.cluster_bits,
                        (old_offset >> self.cluster_bits) + old_clusters):
             self.add(c, -1)

@@ -16,6 +16,7 @@ import struct
 from nbdplug.errors import UnsupportedFeature, UsageError
 from nbdplug.layout import be64_bytes
 from . import structs as S
+from .overlap import ACTIVE_L1, MAIN_HEADER
 
 FMT = "qcow2"
 
@@ -46,11 +47,14 @@ def resize(disk, size, shrink=False):
             clusters = -(-l1_size * 8 // cs)
             if old_l1_size and clusters <= old_l1_clusters:
                 # The spare tail of the L1 clusters may hold anything.
+                disk.overlaps.check(l1_offset, clusters * cs, ACTIVE_L1)
                 disk.file.pwrite(bytes(8 * (l1_size - old_l1_size)),
                                  l1_offset + 8 * old_l1_size)
             else:
                 first = disk.refs.alloc_run(clusters)
                 l1_offset = first << disk.cluster_bits
+                disk.overlaps.check(l1_offset, clusters * cs)
+                disk.overlaps.add(l1_offset, clusters * cs, ACTIVE_L1)
                 table = be64_bytes(m.l1)
                 disk.file.pwrite(table + bytes(clusters * cs - len(table)),
                                  l1_offset)
@@ -64,6 +68,7 @@ def resize(disk, size, shrink=False):
     # file.flush, not disk.flush: references dropped while zeroing may
     # still be held by the tables the header shows until it switches.
     disk.file.flush()
+    disk.overlaps.check(0, S.HEADER_V2.size, MAIN_HEADER)
     disk.file.pwrite(struct.pack(">QIIQ", size, 0, l1_size, l1_offset),
                      S.HEADER_V2.offset("size"))
     disk.file.flush()
@@ -71,6 +76,7 @@ def resize(disk, size, shrink=False):
                                    l1_table_offset=l1_offset)
     if l1_offset != old_l1_offset:
         first = old_l1_offset >> disk.cluster_bits
+        disk.overlaps.remove(old_l1_offset, old_l1_clusters * cs, ACTIVE_L1)
         with disk.lock:
             disk._drop(range(first, first + old_l1_clusters))
     disk.flush()        # releases what the old header referenced

@@ -5,6 +5,7 @@ import dataclasses
 
 from nbdplug.errors import CorruptImage, UsageError
 from . import structs as S
+from .tables import read_at
 
 FMT = "qcow2"
 
@@ -21,6 +22,7 @@ class Snapshot:
     vm_state_size: int
     disk_size: int      # None when the entry does not record it (v2)
     icount: int         # None when not recorded
+    extra_data_size: int = 0
 
     def info(self):
         """qemu-img info's keys for a snapshot."""
@@ -35,54 +37,59 @@ class Snapshot:
 
 
 def read_snapshots(file, geo, path):
-    """Parse the snapshot table (already bounded by the header checks);
-    return the snapshots and the table's length in bytes."""
+    """Parse the snapshot table; return the snapshots and the table's
+    length in bytes.  As qemu reads it, bytes past the end of the file
+    read as zeros (check reports the table lying there)."""
     if not geo.nb_snapshots:
         return [], 0
-    file_size = file.size()
-    limit = min(S.MAX_SNAPSHOT_TABLE_BYTES, file_size - geo.snapshots_offset)
-    data = file.read(limit, geo.snapshots_offset)
     out = []
     pos = 0
     for n in range(geo.nb_snapshots):
-        if pos + S.SNAPSHOT_ENTRY.size > len(data):
-            raise CorruptImage(path, FMT, f"snapshot {n} lies past the end "
-                               "of the snapshot table", "snapshots_offset")
-        e = S.SNAPSHOT_ENTRY.unpack_from(data, pos)
+        e = S.SNAPSHOT_ENTRY.unpack_from(read_at(
+            file, S.SNAPSHOT_ENTRY.size, geo.snapshots_offset + pos))
         if e.extra_data_size > S.MAX_SNAPSHOT_EXTRA:
             raise CorruptImage(path, FMT, f"snapshot {n} extra data of "
                                f"{e.extra_data_size} bytes is too large",
                                "snapshot table")
-        extra_at = pos + S.SNAPSHOT_ENTRY.size
-        strings_at = extra_at + e.extra_data_size
-        end = strings_at + e.id_str_size + e.name_size
-        if end > len(data):
-            raise CorruptImage(path, FMT, f"snapshot {n} lies past the end "
-                               "of the snapshot table", "snapshot table")
+        body = e.extra_data_size + e.id_str_size + e.name_size
+        end = pos + S.SNAPSHOT_ENTRY.size + body
+        if end > S.MAX_SNAPSHOT_TABLE_BYTES:
+            raise CorruptImage(path, FMT, "snapshot table too large",
+                               "snapshot table")
+        data = bytes(read_at(file, body, geo.snapshots_offset + pos +
+                             S.SNAPSHOT_ENTRY.size))
+        strings = data[e.extra_data_size:]
         vm_state, disk_size, icount = e.vm_state_size, None, None
         if e.extra_data_size >= S.SNAPSHOT_EXTRA.offset("icount"):
             extra = S.SNAPSHOT_EXTRA.unpack_from(
-                bytes(data[extra_at:extra_at + e.extra_data_size]).ljust(
-                    S.SNAPSHOT_EXTRA.size, b"\xff"))
+                data[:e.extra_data_size].ljust(S.SNAPSHOT_EXTRA.size,
+                                               b"\xff"))
             vm_state, disk_size = extra.vm_state_size_large, extra.disk_size
             if extra.icount != (1 << 64) - 1:
                 icount = extra.icount
-        if e.l1_size * 8 > S.MAX_L1_BYTES or \
-                (e.l1_table_offset % geo.cluster_size) or \
-                e.l1_table_offset + e.l1_size * 8 > file_size:
-            raise CorruptImage(path, FMT, f"snapshot {n} L1 table is "
-                               "invalid", "snapshot table")
         out.append(Snapshot(
-            id=bytes(data[strings_at:strings_at + e.id_str_size]).decode(
-                errors="replace"),
-            name=bytes(data[strings_at + e.id_str_size:end]).decode(
-                errors="replace"),
+            id=strings[:e.id_str_size].decode(errors="replace"),
+            name=strings[e.id_str_size:].decode(errors="replace"),
             l1_table_offset=e.l1_table_offset, l1_size=e.l1_size,
             date_sec=e.date_sec, date_nsec=e.date_nsec,
             vm_clock_nsec=e.vm_clock_nsec, vm_state_size=vm_state,
-            disk_size=disk_size, icount=icount))
+            disk_size=disk_size, icount=icount,
+            extra_data_size=e.extra_data_size))
         pos = -(-end // 8) * 8
     return out, pos
+
+
+def l1_problem(snap, geo, file_size):
+    """Why a snapshot's L1 table cannot be used, or None.  Opening the
+    image does not ask (qemu opens it too, and its check reports it);
+    opening the snapshot, checking and guarding writes do."""
+    if snap.l1_table_offset % geo.cluster_size:
+        return "L1 table is not cluster aligned"
+    if snap.l1_size * 8 > S.MAX_L1_BYTES:
+        return "L1 table is too large"
+    if snap.l1_table_offset + snap.l1_size * 8 > file_size:
+        return "L1 table lies past the end of the file"
+    return None
 
 
 def find(snapshots, key, path):

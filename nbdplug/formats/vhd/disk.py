@@ -52,8 +52,13 @@ class VhdDisk(Disk):
         try:
             geom = validate(file, path)
             bat = read_bat(file, geom) if geom.disk_type != FIXED else None
+            # A reader, as qemu, takes blocks that overlap metadata or
+            # each other; a writer refuses them.  Both refuse a block
+            # past the end of the file (qemu: "the image has been
+            # truncated").
             if bat is not None:
-                for field, message in block_problems(geom, bat, file.size()):
+                for field, message in block_problems(
+                        geom, bat, file.size(), overlaps=not readonly):
                     raise CorruptImage(path, FMT, message, field)
             disk = cls(file, geom, bat, readonly)
             if geom.disk_type == DIFFERENCING:
@@ -445,7 +450,9 @@ class VhdDisk(Disk):
             pos = max(pos, round_up(end, SECTOR))
 
     def _allocated(self, start, end):
-        """Host bytes allocated in [start, end)."""
+        """Host bytes allocated in [start, end) (of the file: a block
+        may claim to reach past its end)."""
+        end = min(end, self.file.size())
         total = 0
         while start < end:
             data = self.file.next_data(start)

@@ -10,7 +10,8 @@ from nbdplug.errors import CorruptImage, UnsupportedFeature
 from ..differencing import windows_path
 from .structs import (COOKIE, DIFFERENCING, DYNAMIC, DYNAMIC_COOKIE,
                       DYNAMIC_HEADER, FIXED, FMT, FOOTER, MACX,
-                      MAX_BAT_ENTRIES, MAX_BLOCK_SIZE, MAX_LOCATOR_LENGTH,
+                      MAX_BAT_ENTRIES, MAX_BLOCK_SIZE, MAX_GEOMETRY,
+                      MAX_LOCATOR_LENGTH,
                       MAX_SIZE, MIN_BLOCK_SIZE, PARENT_LOCATOR, SECTOR,
                       SUBFORMATS, UNUSED, VERSION, checksum, round_up)
 
@@ -68,6 +69,23 @@ def _parse_footer(buf):
     return footer
 
 
+# Creators whose disks qemu sizes by current_size, not by the CHS geometry
+# (Hyper-V, qemu's force_size, Disk2vhd, XenConverter, XenServer).
+SIZED_BY_FOOTER = (b"win ", b"qem2", b"d2v ", b"CTXS", b"tap\0")
+
+
+def disk_size(footer):
+    """The disk's size as qemu reads it: Virtual PC (and any creator not
+    known to do otherwise) sizes a disk by its CHS geometry, unless that
+    is the largest geometry, which stands for "see current_size"."""
+    cylinders, heads, sectors = MAX_GEOMETRY
+    chs = footer.cylinders * footer.heads * footer.sectors_per_track
+    if footer.creator_application in SIZED_BY_FOOTER or \
+            chs == cylinders * heads * sectors:
+        return footer.current_size // SECTOR * SECTOR
+    return chs * SECTOR
+
+
 def validate(file, path):
     """Parse and validate the footer and dynamic header of `file`."""
     file_size = file.size()
@@ -98,10 +116,7 @@ def validate(file, path):
         raise CorruptImage(path, FMT, f"disk type {footer.disk_type} is "
                            "not fixed (2), dynamic (3) or differencing (4)",
                            "footer.disk_type")
-    size = footer.current_size
-    if size % SECTOR:
-        raise CorruptImage(path, FMT, f"size {size} is not a whole number "
-                           "of sectors", "footer.current_size")
+    size = disk_size(footer)
     if size > MAX_SIZE:
         raise UnsupportedFeature(path, FMT, f"size {size} exceeds the "
                                  "2040 GiB VHD limit", "footer.current_size")
@@ -115,11 +130,11 @@ def validate(file, path):
                                f"too short for a disk of {size}",
                                "footer.current_size")
         return Geometry(**common)
-    return Geometry(**common, **_dynamic_fields(file, path, footer,
+    return Geometry(**common, **_dynamic_fields(file, path, footer, size,
                                                 file_size))
 
 
-def _dynamic_fields(file, path, footer, file_size):
+def _dynamic_fields(file, path, footer, size, file_size):
     """Validate the dynamic header; its fields for the Geometry."""
     offset = footer.data_offset
     if offset < SECTOR or offset % SECTOR or \
@@ -143,11 +158,11 @@ def _dynamic_fields(file, path, footer, file_size):
         raise CorruptImage(path, FMT, f"block size {bs} is not a power of "
                            f"two from {MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE}",
                            "dynamic header.block_size")
-    needed = -(-footer.current_size // bs)
+    needed = -(-size // bs)
     entries = hdr.max_table_entries
     if entries < needed:
         raise CorruptImage(path, FMT, f"{entries} BAT entries cannot map "
-                           f"{footer.current_size} bytes",
+                           f"{size} bytes",
                            "dynamic header.max_table_entries")
     if entries > MAX_BAT_ENTRIES:
         raise UnsupportedFeature(path, FMT, f"BAT of {entries} entries is "
@@ -223,9 +238,9 @@ def read_bat(file, geom):
     return bat
 
 
-def block_problems(geom, bat, file_size):
-    """(field, message) for each block outside the file or overlapping
-    metadata or another block."""
+def block_problems(geom, bat, file_size, overlaps=True):
+    """(field, message) for each block outside the file or (with
+    `overlaps`) overlapping metadata or another block."""
     span = geom.bitmap_size + geom.block_size
     metadata = geom.metadata()
     blocks = sorted((entry * SECTOR, i) for i, entry in enumerate(bat)
@@ -236,6 +251,8 @@ def block_problems(geom, bat, file_size):
         if end > file_size:
             yield field, (f"block at {start} lies past the end of the file "
                           f"({file_size})")
+        if not overlaps:
+            continue
         for m_start, m_len, name in metadata:
             if start < m_start + m_len and m_start < end:
                 yield field, f"block at {start} overlaps the {name}"

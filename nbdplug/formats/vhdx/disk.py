@@ -248,14 +248,17 @@ def _metadata(src, path, offset, length):
         name, size = known
         if entry.item_id in items:
             raise CorruptImage(path, FMT, f"a second {name} item", field)
-        if (size is not None and entry.length != size) or \
-                entry.length > MAX_PARENT_LOCATOR or \
-                entry.offset < METADATA_TABLE_SIZE or \
-                entry.offset + entry.length > length:
+        if size is None and (entry.length > MAX_PARENT_LOCATOR or
+                             entry.offset < METADATA_TABLE_SIZE or
+                             entry.offset + entry.length > length):
             raise CorruptImage(path, FMT, f"{name} item at {entry.offset}+"
                                f"{entry.length} is out of range", field)
-        items[entry.item_id] = bytes(src.read(entry.length,
-                                              offset + entry.offset))
+        # A fixed-size item is read at its size wherever it points, as
+        # qemu reads it (past the end of the file: zeros).
+        at = offset + entry.offset
+        n = entry.length if size is None else size
+        inside = max(0, min(n, src.size() - at))
+        items[entry.item_id] = bytes(src.read(inside, at)).ljust(n, b"\0")
     for item, (name, _) in ITEMS.items():
         if item not in items and item != PARENT_LOCATOR_ITEM:
             raise CorruptImage(path, FMT, f"no {name} item", "metadata")
@@ -277,13 +280,15 @@ def validate(src, path, header):
         raise CorruptImage(path, FMT, f"block size {bs} is not a power of "
                            "two from 1 MiB to 256 MiB",
                            "file parameters.block_size")
-    if lss not in (512, 4096) or pss not in (512, 4096):
-        raise CorruptImage(path, FMT, f"sector sizes {lss}/{pss} are not "
+    # As qemu: the physical sector size is only a hint; the size is
+    # taken in whole 512-byte sectors.
+    if lss not in (512, 4096):
+        raise CorruptImage(path, FMT, f"logical sector size {lss} is not "
                            "512 or 4096", "logical sector size")
-    if size % lss or size > MAX_SIZE:
-        raise CorruptImage(path, FMT, f"virtual disk size {size} is not "
-                           f"whole sectors of at most 64 TiB",
-                           "virtual disk size")
+    size = size // 512 * 512
+    if size > MAX_SIZE:
+        raise CorruptImage(path, FMT, f"virtual disk size {size} is more "
+                           "than 64 TiB", "virtual disk size")
     has_parent = bool(params.flags & HAS_PARENT)
     chunk_ratio = CHUNK_SECTORS * lss // bs
     blocks = -(-size // bs)

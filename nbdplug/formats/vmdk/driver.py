@@ -107,7 +107,13 @@ class VmdkDisk(Disk):
             if head[:4] == SPARSE_MAGIC:
                 ext = SparseExtent(path, file, 0, None, "RW", readonly)
                 desc = ext.embedded_descriptor()
-                base = ext.geo.descriptor[0] if desc else None
+                if desc is None or desc.cid is None:
+                    # qemu and libvmdk refuse it too: nothing says how
+                    # the extent is used, or what its CID is.
+                    raise CorruptImage(path, FMT, "embedded descriptor is "
+                                       "missing or blank (no CID)",
+                                       "descriptor")
+                base = ext.geo.descriptor[0]
                 extents = [ext]
             else:
                 size, limit = file.size(), descriptor.MAX_DESCRIPTOR
@@ -378,7 +384,7 @@ class VmdkDisk(Disk):
         leaked grains, like `qemu-img check`.  The parent is not opened."""
         if repair:
             raise UnsupportedFeature(path, FMT, "repairing VMDK images is "
-                                     "not supported")
+                                     "not supported", "repair")
         report = CheckReport(path, FMT)
         disk = cls._open(path, True, ctx,
                          lambda error: report.corrupt(str(error)),

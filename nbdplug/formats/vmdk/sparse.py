@@ -37,12 +37,11 @@ from nbdplug.disk import BACKING, COMPRESSED, DATA, ZERO
 from nbdplug.errors import CorruptImage, UnsupportedFeature
 from . import descriptor
 from .extent import Extent
-from .structs import (COMPRESSION_DEFLATE, COMPRESSION_NONE, FLAG_COMPRESSED,
-                      FLAG_MARKERS, FLAG_NEWLINE_TEST, FLAG_REDUNDANT_GD,
+from .structs import (COMPRESSION_DEFLATE, FLAG_MARKERS, FLAG_REDUNDANT_GD,
                       FLAG_ZEROED_GRAIN, GD_AT_END, GRAIN_MARKER, GTE_SIZE,
-                      KNOWN_FLAGS, MARKER_EOS, MARKER_FOOTER, METADATA_MARKER,
-                      NEWLINE_CHARS, SECTOR, SPARSE_HEADER, SPARSE_MAGIC,
-                      ZEROED_GRAIN, compress_bound)
+                      MARKER_EOS, MARKER_FOOTER, METADATA_MARKER, SECTOR,
+                      SPARSE_HEADER, SPARSE_MAGIC, ZEROED_GRAIN,
+                      compress_bound)
 
 FMT = "vmdk"
 
@@ -95,19 +94,12 @@ def read_geometry(file, path, file_size):
         raise corrupt("not a hosted sparse extent", "magicNumber")
     if hdr.version not in (1, 2, 3):
         raise unsupported(f"{hdr.version} is not supported", "version")
-    if hdr.flags & ~KNOWN_FLAGS:
-        raise unsupported(f"unknown bits {hdr.flags & ~KNOWN_FLAGS:#x}",
-                          "flags")
-    if hdr.flags & FLAG_NEWLINE_TEST and (
-            hdr.singleEndLineChar, hdr.nonEndLineChar,
-            hdr.doubleEndLineChar1, hdr.doubleEndLineChar2) != NEWLINE_CHARS:
-        raise corrupt("end-of-line test characters are damaged (was the "
-                      "file transferred in text mode?)", "singleEndLineChar")
-    compressed = bool(hdr.flags & FLAG_COMPRESSED)
-    if hdr.compressAlgorithm not in (COMPRESSION_NONE, COMPRESSION_DEFLATE) \
-            or compressed and hdr.compressAlgorithm != COMPRESSION_DEFLATE:
-        raise unsupported(f"{hdr.compressAlgorithm} is not supported",
-                          "compressAlgorithm")
+    # Unknown flags are ignored, as qemu ignores them.
+    # The end-of-line test characters (a text-mode transfer would damage
+    # them) are not checked: qemu ignores them, and the tables say more.
+    # As qemu: the algorithm says whether grains are compressed (deflate)
+    # or not (any other value); the flag does not.
+    compressed = hdr.compressAlgorithm == COMPRESSION_DEFLATE
     if hdr.flags & FLAG_MARKERS and not compressed:
         raise unsupported("markers without compression are not supported",
                           "flags")
@@ -138,9 +130,11 @@ def read_geometry(file, path, file_size):
     gd_offset = _within(tables.gdOffset, gd_bytes, limit, space,
                         "gdOffset", corrupt)
     rgd_offset = None
-    if hdr.flags & FLAG_REDUNDANT_GD and tables.rgdOffset:
-        rgd_offset = _within(tables.rgdOffset, gd_bytes, limit, space,
-                             "rgdOffset", corrupt)
+    if hdr.flags & FLAG_REDUNDANT_GD and tables.rgdOffset and \
+            tables.rgdOffset * SECTOR + gd_bytes <= limit:
+        # (one outside the file is left alone, as qemu reads only the
+        # primary directory)
+        rgd_offset = tables.rgdOffset * SECTOR
     desc = None
     if hdr.descriptorSize:
         if hdr.descriptorSize * SECTOR > descriptor.MAX_DESCRIPTOR:
@@ -264,9 +258,14 @@ class SparseExtent(Extent):
         Each fault goes to `problem(CorruptImage)`, which raises when
         opening and collects when checking.  Tables with faults are left
         out of later walks.  `strict` (writable or checking) also refuses
-        grains below overHead.
+        grains below overHead.  A reader, as qemu, reads only the primary
+        directory (a redundant one with faults is dropped), and takes a
+        table or grain past the end of the file as zeros.
         """
         geo = self.geo
+        if not strict and self.rgd is not None and \
+                self._redundant_faults():
+            self.rgd = None
         # (offset, length, name, GD index) of every piece of metadata
         regions = [(0, SECTOR, "header", None),
                    (geo.gd_offset, geo.gd_entries * GTE_SIZE,
@@ -280,6 +279,9 @@ class SparseExtent(Extent):
             for gdi, sector in enumerate(directory):
                 if not sector:
                     continue
+                if sector * SECTOR + geo.gt_bytes > geo.limit and \
+                        not strict:
+                    continue            # what lies past the end: zeros
                 if sector * SECTOR + geo.gt_bytes > geo.limit:
                     problem(self._corrupt("grain table lies past the end "
                                           "of the file",
@@ -305,6 +307,15 @@ class SparseExtent(Extent):
             tail = max(0, self.file.size() - geo.overhead)
             self.next_sector = (geo.overhead + -(-tail // self.grain) *
                                 self.grain) // SECTOR
+
+    def _redundant_faults(self):
+        """Whether the redundant directory points past the end of the
+        file or over the primary's tables."""
+        limit, size = self.geo.limit, self.geo.gt_bytes
+        primary = {sector for sector in self.gd if sector}
+        return any(sector and (sector * SECTOR + size > limit or
+                               sector in primary)
+                   for sector in self.rgd)
 
     def _directories(self):
         yield "grain directory", self.gd
@@ -370,8 +381,12 @@ class SparseExtent(Extent):
         return end
 
     def _grain_ok(self, entry, strict):
+        """A grain after the header (after the tables, if `strict`) and
+        inside the file; a reader takes an uncompressed one past the end
+        as zeros, as qemu does."""
         low = self.geo.overhead if strict else SECTOR
-        return low <= entry * SECTOR < self.limit
+        high = self.limit if strict or self.compressed else 1 << 62
+        return low <= entry * SECTOR < high
 
     def _writable_layout(self, regions):
         """Refuse to write an extent whose tables are not preallocated

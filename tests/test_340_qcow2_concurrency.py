@@ -63,10 +63,11 @@ def worker(io, log, rng, region, stop):
         log.add(t0, time.monotonic_ns(), off, length, data)
 
 
-def verify(final, size, log):
-    """Each sector holds the initial zeros if never touched, else the
-    bytes of an operation on it that no other operation certainly
-    superseded (one that started after it was acknowledged)."""
+def verify(final, size, log, initial=None):
+    """Each sector holds what it held at first (`initial`, else zeros) if
+    never touched, else the bytes of an operation on it that no other
+    operation certainly superseded (one that started after it was
+    acknowledged)."""
     per_sector = {}
     for op in log.ops:
         _, _, off, length, _ = op
@@ -77,7 +78,8 @@ def verify(final, size, log):
         got = final[s * SECTOR:(s + 1) * SECTOR]
         ops = per_sector.get(s)
         if not ops:
-            if got != bytes(SECTOR):
+            if got != (initial[s * SECTOR:(s + 1) * SECTOR] if initial
+                       else bytes(SECTOR)):
                 bad.append(s)
             continue
         latest_start = max(op[0] for op in ops)

@@ -101,7 +101,8 @@ def _ram(directory):
         for offset, chunk in data:
             f.seek(offset)
             f.write(chunk)
-    name = "conformance-" + os.path.basename(directory)
+    # /dev/shm is the machine's: the pid keeps concurrent runs apart.
+    name = f"conformance-{os.getpid()}-{os.path.basename(directory)}"
     create_image(f"ram:{name}", "ram", SIZE)
     with open_image(f"ram:{name}", "ram", readonly=False) as disk:
         for offset, chunk in data:

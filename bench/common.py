@@ -4,6 +4,7 @@ test, fio as the NBD client, test images, and summarising rounds."""
 import contextlib
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -23,11 +24,19 @@ RESULTS = os.path.join(REPO, "bench", "results")
 
 
 @contextlib.contextmanager
-def nbdplug_server(image, fmt, sock):
-    argv = ["nbdkit", "-U", sock, "-P", sock + ".pid"] + \
-        server.plugin_args(image, fmt)
+def nbdplug_server(image, fmt, sock, filters=(), filter_args=()):
+    argv = ["nbdkit", "-U", sock, "-P", sock + ".pid", *filters] + \
+        server.plugin_args(image, fmt) + list(filter_args)
     with _daemon(argv, sock + ".pid"):
         yield server.unix_uri(sock)
+
+
+def nbdplug_all_requests_server(image, fmt, sock):
+    """nbdplug under the thread model it had before issue 14, which
+    nbdkit's noparallel filter imposes: one request at a time across all
+    connections, handshakes included."""
+    return nbdplug_server(image, fmt, sock, ["--filter=noparallel"],
+                          ["serialize=all-requests"])
 
 
 @contextlib.contextmanager
@@ -39,8 +48,11 @@ def nbdkit_file_server(image, fmt, sock):
 
 @contextlib.contextmanager
 def qemu_nbd_server(image, fmt, sock):
+    # --shared=0: any number of clients (idle ones take no one's place);
+    # quiet, as it complains of every client leaving mid-handshake.
     proc = subprocess.Popen(["qemu-nbd", "-f", fmt, "--cache=writeback",
-                             "-k", sock, "--shared=4", "-t", image])
+                             "-k", sock, "--shared=0", "-t", image],
+                            stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 10
         while not os.path.exists(sock):
@@ -64,26 +76,46 @@ def _daemon(argv, pidfile):
 
 SERVERS = {
     "nbdplug": nbdplug_server,
+    "nbdplug-all-requests": nbdplug_all_requests_server,
     "nbdkit-file": nbdkit_file_server,
     "qemu-nbd": qemu_nbd_server,
 }
 
 
+@contextlib.contextmanager
+def idle_clients(sock, count):
+    """`count` clients connected to the Unix socket `sock` that never
+    begin their handshake."""
+    clients = []
+    try:
+        for _ in range(count):
+            clients.append(socket.socket(socket.AF_UNIX))
+            clients[-1].connect(sock)
+        yield
+    finally:
+        for c in clients:
+            c.close()
+
+
 def fio(uri, rw, bs, qd, conns, out):
-    """(value, unit): MiB/s for 1M blocks, else IOPS."""
-    subprocess.run(
-        ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}",
-         f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}",
-         f"--numjobs={conns}", "--group_reporting", "--time_based",
-         f"--runtime={RUNTIME}s", f"--ramp_time={RAMP}", "--size=1G",
-         "--randrepeat=0", "--output-format=json", f"--output={out}"],
-        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """(value, unit): MiB/s for 1M blocks, else IOPS; 0 when the server
+    does not answer (fio waits for ever)."""
+    unit = "MiB/s" if bs == "1M" else "IOPS"
+    try:
+        subprocess.run(
+            ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}",
+             f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}",
+             f"--numjobs={conns}", "--group_reporting", "--time_based",
+             f"--runtime={RUNTIME}s", f"--ramp_time={RAMP}", "--size=1G",
+             "--randrepeat=0", "--output-format=json", f"--output={out}"],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            timeout=3 * RUNTIME + 20)
+    except subprocess.TimeoutExpired:
+        return 0.0, unit
     with open(out) as f:
         job = json.load(f)["jobs"][0]
     side = job["read"] if "read" in rw else job["write"]
-    if bs == "1M":
-        return side["bw_bytes"] / MiB, "MiB/s"
-    return side["iops"], "IOPS"
+    return (side["bw_bytes"] / MiB if bs == "1M" else side["iops"]), unit
 
 
 def make_image(path, fmt, size=GiB, half=False):

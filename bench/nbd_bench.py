@@ -1,19 +1,27 @@
 """Serving over NBD: nbdplug next to qemu-nbd (and, for raw, nbdkit's C
-file plugin), the same 1 GiB image, the same fio workloads, one run."""
+file plugin), the same 1 GiB image, the same fio workloads, one run.
+
+The last rows have several clients: fio's jobs on connections of their
+own, and fio while 100 more clients sit connected without having begun
+their handshake (a server that lets one client stall the others scores
+0 there)."""
 
 import os
 
-from common import SERVERS, ROUNDS, fio, make_image, summary
+from common import SERVERS, ROUNDS, fio, idle_clients, make_image, summary
 
-# (name, fio rw, block size, queue depth, connections)
+# (name, fio rw, block size, queue depth, connections, idle clients)
 WORKLOADS = [
-    ("seq read 1M", "read", "1M", 4, 1),
-    ("seq write 1M", "write", "1M", 4, 1),
-    ("rand read 4K QD1", "randread", "4k", 1, 1),
-    ("rand read 4K QD16", "randread", "4k", 16, 1),
-    ("rand write 4K QD1", "randwrite", "4k", 1, 1),
-    ("rand write 4K QD16", "randwrite", "4k", 16, 1),
-    ("rand read 4K QD16 x2 conn", "randread", "4k", 16, 2),
+    ("seq read 1M", "read", "1M", 4, 1, 0),
+    ("seq write 1M", "write", "1M", 4, 1, 0),
+    ("rand read 4K QD1", "randread", "4k", 1, 1, 0),
+    ("rand read 4K QD16", "randread", "4k", 16, 1, 0),
+    ("rand write 4K QD1", "randwrite", "4k", 1, 1, 0),
+    ("rand write 4K QD16", "randwrite", "4k", 16, 1, 0),
+    ("rand read 4K QD16 x2 conn", "randread", "4k", 16, 2, 0),
+    ("rand write 4K QD16 x2 conn", "randwrite", "4k", 16, 2, 0),
+    ("rand read 4K QD16 x4 conn", "randread", "4k", 16, 4, 0),
+    ("rand read 4K QD16, 100 idle", "randread", "4k", 16, 1, 100),
 ]
 
 # format -> (servers, the peer ratios are taken against)
@@ -25,11 +33,13 @@ PLAN = {
 }
 
 
-def run(fmt, workdir):
+def run(fmt, workdir, also=()):
     """{workload: {server: summary + ratio}} for one format.  Each server
     is started once and runs every workload ROUNDS times, servers taking
-    turns round by round so drift hits them alike."""
+    turns round by round so drift hits them alike.  `also`: more servers
+    (from common.SERVERS) to measure beside the plan's."""
     servers, peer = PLAN[fmt]
+    servers = servers + [s for s in also if s not in servers]
     image = os.path.join(workdir, f"bench.{fmt}")
     make_image(image, fmt)
     values = {(w[0], s): [] for w in WORKLOADS for s in servers}
@@ -39,10 +49,11 @@ def run(fmt, workdir):
             for s in servers:
                 sock = os.path.join(workdir, f"{s}.sock")
                 with SERVERS[s](image, fmt, sock) as uri:
-                    for name, rw, bs, qd, conns in WORKLOADS:
-                        value, units[name] = fio(
-                            uri, rw, bs, qd, conns,
-                            os.path.join(workdir, "fio.json"))
+                    for name, rw, bs, qd, conns, idle in WORKLOADS:
+                        with idle_clients(sock, idle):
+                            value, units[name] = fio(
+                                uri, rw, bs, qd, conns,
+                                os.path.join(workdir, "fio.json"))
                         values[name, s].append(value)
     finally:
         os.unlink(image)
@@ -53,14 +64,15 @@ def run(fmt, workdir):
         for s in servers:
             row[s]["ratio"] = row[s]["median"] / base if base else 0.0
         results[name] = row
-        print(f"{fmt:6} {name:28} " + "  ".join(
+        print(f"{fmt:6} {name:29} " + "  ".join(
             f"{s}={row[s]['median']:.0f} ({row[s]['ratio']:.2f}x)"
             for s in servers), flush=True)
     return results
 
 
 def markdown(fmt, results):
-    servers, peer = PLAN[fmt]
+    peer = PLAN[fmt][1]
+    servers = list(next(iter(results.values())))
     lines = [f"\n**{fmt} over NBD** (median [min-max] of the rounds; ratio "
              f"to {peer} in the same run)\n",
              "| workload | " + " | ".join(servers) + " |",

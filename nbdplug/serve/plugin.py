@@ -74,11 +74,11 @@ def config_complete():
 def thread_model():
     # One thread a connection, its requests in turn; connections run side
     # by side, sharing each export's Disk (thread-safe: tapbridge calls
-    # drivers from a pool too).  SERIALIZE_ALL_REQUESTS would let a client
-    # that never finishes its handshake stall every other (nbdkit 1.32
-    # holds the all-requests lock through the handshake); PARALLEL, with
-    # its worker threads handing the GIL to each other, halves one
-    # connection's small requests.  Figures: make bench (README).
+    # drivers from a pool too).  SERIALIZE_ALL_REQUESTS lets a client that
+    # never finishes its handshake stall every other (nbdkit 1.32 holds
+    # the all-requests lock through the handshake).  PARALLEL's worker
+    # threads take turns at the GIL, at 10-30% more CPU a request.
+    # Figures: README, "Benchmark".
     return nbdkit.THREAD_MODEL_SERIALIZE_REQUESTS
 
 

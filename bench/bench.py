@@ -6,7 +6,8 @@ Every figure is measured in the same run as its peer, on this machine:
   allocated qcow2, monolithicSparse VMDK and dynamic VHD images, served by
   nbdplug, qemu-nbd (writeback cache) and, for raw, nbdkit's C file
   plugin; sequential 1 MiB and random 4 KiB reads and writes at QD1 and
-  QD16, and two connections at QD16;
+  QD16, two and four connections at QD16, and QD16 with 100 clients
+  idle in their handshake;
 - `nbdplug convert` against `qemu-img convert`;
 - tapbridge's shared-memory blkif ring against the same driver over NBD;
 - `nbdplug migrate`: the fill against nbdcopy of the same export, and
@@ -19,6 +20,8 @@ bench.png (the ratios as a bar chart).
     make bench                  # about five minutes
     BENCH_LONG=1 make bench     # more rounds, longer runs
     .venv/bin/python bench/bench.py --only nbd --formats raw,qcow2
+    .venv/bin/python bench/bench.py --only nbd --also nbdplug-all-requests
+                                # and the plugin under the old thread model
 """
 
 import argparse
@@ -86,6 +89,9 @@ def main():
                         help="comma-separated parts: " + ", ".join(PARTS))
     parser.add_argument("--formats", default=",".join(nbd_bench.PLAN),
                         help="formats served over NBD")
+    parser.add_argument("--also", default="",
+                        help="comma-separated servers to serve every format "
+                        "besides the plan's: " + ", ".join(common.SERVERS))
     parser.add_argument("--out", default=common.RESULTS)
     args = parser.parse_args()
     parts = args.only.split(",")
@@ -95,7 +101,8 @@ def main():
     started = time.monotonic()
     try:
         if "nbd" in parts:
-            results["nbd"] = {fmt: nbd_bench.run(fmt, workdir)
+            also = [s for s in args.also.split(",") if s]
+            results["nbd"] = {fmt: nbd_bench.run(fmt, workdir, also)
                               for fmt in args.formats.split(",")}
         if "convert" in parts:
             results["convert"] = convert_bench.run(workdir)

@@ -56,8 +56,9 @@ def ring(image, fmt, workdir, mode, bs, order, qd, extra=()):
 
 def nbd(image, fmt, workdir, mode, bs, qd):
     sock = os.path.join(workdir, "nbd.sock")
-    with nbdplug_server(image, fmt, sock) as uri:
-        return fio(uri, mode, bs, qd, 1, os.path.join(workdir, "fio.json"))[0]
+    with nbdplug_server(image, fmt, sock) as srv:
+        return fio(srv.uri, mode, bs, qd, 1,
+                   os.path.join(workdir, "fio.json"))[0]
 
 
 def run(workdir, fmt="raw", workloads=WORKLOADS, rings=RINGS,

@@ -110,6 +110,8 @@ def cmd_serve(args):
         if getattr(args, key):
             setattr(cfg, key, getattr(args, key))
     cfg.tls_verify_peer |= args.tls_verify_peer
+    if args.handshake_limit is not None:
+        cfg.handshake_limit = args.handshake_limit
     cfg.insecure |= args.insecure
     cfg.allow += [a for item in args.allow or () for a in item.split(",")
                   if a]
@@ -352,6 +354,9 @@ def _args_serve(p):
                    help="admit only these client addresses or networks")
     p.add_argument("--limit", type=int, default=0, metavar="N",
                    help="at most N connections to each export")
+    p.add_argument("--handshake-limit", type=int, metavar="SECONDS",
+                   help="hang up on a TCP client still without an export "
+                   "after SECONDS (default 10; 0: never)")
     p.add_argument("--direct", action="store_true",
                    help="O_DIRECT on the image file (raw)")
     p.add_argument("--insecure", action="store_true",
@@ -384,7 +389,8 @@ VERBS = [
      "serve [IMAGE] [-f FMT] [--export NAME=IMAGE[:FMT]]... "
      "[--config FILE] [--socket PATH | --listen HOST:PORT] "
      "[--readonly | --writable] [--tls-psk FILE | --tls-certs DIR "
-     "[--tls-verify-peer]] [--allow ADDR,...] [--limit N] [--foreground]"),
+     "[--tls-verify-peer]] [--allow ADDR,...] [--limit N] "
+     "[--handshake-limit SECONDS] [--foreground]"),
     ("stop", cmd_stop, _args_stop, "stop SOCKET|URI|PIDFILE"),
     ("compare", cmd_compare, _args_compare,
      "compare [-f FMT] [-F FMT] [-s] [-q] [-U] IMAGE1 IMAGE2"),

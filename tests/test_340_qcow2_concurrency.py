@@ -63,10 +63,11 @@ def worker(io, log, rng, region, stop):
         log.add(t0, time.monotonic_ns(), off, length, data)
 
 
-def verify(final, size, log):
-    """Each sector holds the initial zeros if never touched, else the
-    bytes of an operation on it that no other operation certainly
-    superseded (one that started after it was acknowledged)."""
+def verify(final, size, log, initial=None):
+    """Each sector holds what it held at first (`initial`, else zeros) if
+    never touched, else the bytes of an operation on it that no other
+    operation certainly superseded (one that started after it was
+    acknowledged)."""
     per_sector = {}
     for op in log.ops:
         _, _, off, length, _ = op
@@ -77,7 +78,8 @@ def verify(final, size, log):
         got = final[s * SECTOR:(s + 1) * SECTOR]
         ops = per_sector.get(s)
         if not ops:
-            if got != bytes(SECTOR):
+            if got != (initial[s * SECTOR:(s + 1) * SECTOR] if initial
+                       else bytes(SECTOR)):
                 bad.append(s)
             continue
         latest_start = max(op[0] for op in ops)
@@ -123,6 +125,31 @@ def regions(size):
     return [(0, half), (0, half), (half, size // 4), (0, size)]
 
 
+def run_workers(ios, size, seconds=DURATION, seed=0):
+    """A worker on each of `ios` (its own region of `size` bytes) for
+    `seconds`; the Log of what they did.  A worker's error stops them
+    all and fails the test."""
+    log, stop, errors = Log(), threading.Event(), []
+
+    def run(*args):
+        try:
+            worker(*args)
+        except Exception as e:
+            errors.append(e)
+            stop.set()
+    threads = [threading.Thread(target=run, args=(
+        io, log, random.Random(seed + i), r, stop))
+        for i, (io, r) in enumerate(zip(ios, regions(size)))]
+    for t in threads:
+        t.start()
+    stop.wait(seconds)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    return log
+
+
 @pytest.mark.parametrize("layout", ["4k", "64k-extl2"])
 def test_driver_threads(tmp_path, layout):
     size = 8 * MiB
@@ -131,16 +158,7 @@ def test_driver_threads(tmp_path, layout):
         {"cluster_size": "65536", "extended_l2": "on"}
     create_image(path, "qcow2", size, opts)
     disk = open_image(path, "qcow2", readonly=False)
-    log, stop = Log(), threading.Event()
-    threads = [threading.Thread(target=worker, args=(
-        DiskIO(disk), log, random.Random(i), r, stop))
-        for i, r in enumerate(regions(size))]
-    for t in threads:
-        t.start()
-    time.sleep(DURATION)
-    stop.set()
-    for t in threads:
-        t.join()
+    log = run_workers([DiskIO(disk)] * 4, size)
     disk.close()
     _final_checks(path, size, log)
 
@@ -149,18 +167,9 @@ def test_four_nbd_connections(tmp_path):
     size = 8 * MiB
     path = str(tmp_path / "img.qcow2")
     create_image(path, "qcow2", size, {"cluster_size": "4096"})
-    log, stop = Log(), threading.Event()
     with served(path, "qcow2") as srv:
         handles = [srv.connect() for _ in range(4)]
-        threads = [threading.Thread(target=worker, args=(
-            h, log, random.Random(10 + i), r, stop))
-            for i, (h, r) in enumerate(zip(handles, regions(size)))]
-        for t in threads:
-            t.start()
-        time.sleep(DURATION)
-        stop.set()
-        for t in threads:
-            t.join()
+        log = run_workers(handles, size, seed=10)
         handles[0].flush()
     _final_checks(path, size, log)
 

@@ -7,6 +7,7 @@ or from a config file, one per instance of hotplug/nbdplug@.service:
     listen = 10.0.0.1:10809
     tls-psk = /etc/nbdplug/keys.psk
     allow = 10.0.0.0/24, fd00::/64
+    handshake-limit = 10
 
     [export guest1]
     image = /srv/guest1.qcow2
@@ -37,7 +38,7 @@ from nbdplug.options import parse_bool
 MAX_NAME = 4096
 
 SERVER_KEYS = ("listen", "socket", "tls-psk", "tls-certs", "tls-verify-peer",
-               "allow", "insecure")
+               "allow", "insecure", "handshake-limit")
 EXPORT_KEYS = ("image", "format", "writable", "limit", "description")
 
 
@@ -65,6 +66,7 @@ class ServeConfig:
     tls_verify_peer: bool = False
     allow: list = dataclasses.field(default_factory=list)
     insecure: bool = False
+    handshake_limit: int = None     # seconds; None: the plugin's default
 
 
 class ExportError(UsageError):
@@ -77,9 +79,10 @@ class ExportError(UsageError):
         self.errno = code
 
 
-def parse_limit(key, value):
+def parse_count(key, value, unit="connections"):
+    """A limit: a number of `unit`, 0 for none."""
     if not value.strip().isdigit():
-        raise UsageError(f"{key}={value}: expected a number of connections "
+        raise UsageError(f"{key}={value}: expected a number of {unit} "
                          "(0 for no limit)")
     return int(value)
 
@@ -161,6 +164,9 @@ def _server_section(cfg, items, where, base):
     if "allow" in items:
         cfg.allow = [a.strip() for a in items["allow"].split(",")
                      if a.strip()]
+    if "handshake-limit" in items:
+        cfg.handshake_limit = parse_count(f"{where} handshake-limit",
+                                          items["handshake-limit"], "seconds")
 
 
 def _export_section(name, items, where, base, formats):
@@ -176,7 +182,7 @@ def _export_section(name, items, where, base, formats):
     if "writable" in items:
         export.writable = parse_bool(f"{where} writable", items["writable"])
     if "limit" in items:
-        export.limit = parse_limit(f"{where} limit", items["limit"])
+        export.limit = parse_count(f"{where} limit", items["limit"])
     export.description = items.get("description") or None
     return export
 
@@ -190,7 +196,7 @@ class ExportTable:
         "file": ("image", str),
         "format": ("format", str),
         "readonly": ("writable", lambda k, v: not parse_bool(k, v)),
-        "limit": ("limit", parse_limit),
+        "limit": ("limit", parse_count),
         "description": ("description", str),
         "snapshot": ("snapshot", str),
         "force-share": ("share", parse_bool),

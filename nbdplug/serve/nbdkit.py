@@ -97,6 +97,9 @@ def serve(cfg, writable=None, policy=None, direct=False, foreground=False,
         if e.limit < 0:
             raise UsageError(f"export {e.name!r}: a connection limit of "
                              f"{e.limit}?  (0 is no limit)")
+    if cfg.handshake_limit is not None and cfg.handshake_limit < 0:
+        raise UsageError(f"a handshake limit of {cfg.handshake_limit} "
+                         "seconds?  (0 is no limit)")
     if cfg.socket and cfg.listen:
         raise UsageError("give --socket or --listen, not both")
     tls = tls_args(cfg.tls_psk, cfg.tls_certs, cfg.tls_verify_peer)
@@ -124,6 +127,8 @@ def serve(cfg, writable=None, policy=None, direct=False, foreground=False,
     argv += exports_plugin_args(
         exports, direct, policy.roots if policy else (),
         policy.no_backing if policy else False) + allow_args(cfg.allow)
+    if cfg.handshake_limit is not None:
+        argv.append(f"handshake-limit={cfg.handshake_limit}")
     uris = [unix_uri(sock, e.name, bool(tls)) if sock
             else tcp_uri(host, port, e.name, bool(tls)) for e in exports]
     try:

@@ -3,15 +3,16 @@
     nbdkit python /path/to/nbdplug/serve/plugin.py file=IMAGE [format=qcow2]
         [readonly=true] [snapshot=NAME] [force-share=true] [limit=N]
         [direct=true] [backing-root=DIR]... [no-backing=true]
-        [allow=NET[,NET]...]
+        [allow=NET[,NET]...] [handshake-limit=SECONDS]
 
     nbdkit python plugin.py export=a file=A.qcow2 format=qcow2
         export=b file=B.raw format=raw readonly=true limit=2
 
 file, format, readonly, snapshot, force-share, limit and description
 belong to the latest export=NAME (before any, to the unnamed export "");
-direct, backing-root, no-backing and allow (client networks; others
-are refused) apply to every export.
+direct, backing-root, no-backing, allow (client networks; others
+are refused) and handshake-limit (a TCP client still without an export
+open after so many seconds is hung up; 0: never) apply to every export.
 
 Each export's Disk is opened once in get_ready and shared by every
 connection to it, so they see one cache and one allocator (hence
@@ -36,14 +37,15 @@ from nbdplug.opener import open_image  # noqa: E402
 from nbdplug.policy import OpenPolicy  # noqa: E402
 from nbdplug.serve import connections  # noqa: E402
 from nbdplug.options import parse_bool  # noqa: E402
-from nbdplug.serve.exports import ExportTable  # noqa: E402
+from nbdplug.serve.exports import ExportTable, parse_count  # noqa: E402
 
 API_VERSION = 2
 
 _settings = {"direct": False, "no-backing": False, "backing-root": [],
-             "allow": []}
+             "allow": [], "handshake-limit": connections.HANDSHAKE_LIMIT}
 _exports = ExportTable()
 _stop = connections.StopOnSignal(nbdkit.shutdown)
+_handshakes = connections.HandshakeLimit()
 
 
 def config(key, value):
@@ -51,6 +53,8 @@ def config(key, value):
         return
     if key in ("direct", "no-backing"):
         _settings[key] = parse_bool(key, value)
+    elif key == "handshake-limit":
+        _settings[key] = parse_count(key, value, "seconds")
     elif key == "backing-root":
         _settings[key].append(value)
     elif key == "allow":
@@ -68,12 +72,14 @@ def config_complete():
 
 
 def thread_model():
-    # Measured on 2 vCPUs (4 KiB random reads, QD16): serialising all
-    # requests beat PARALLEL by about 2x, because with PARALLEL nbdkit's
-    # threads spend their time handing the GIL to each other; Python work
-    # never runs in parallel anyway.  Drivers stay thread-safe regardless
-    # (tapbridge calls them from a pool).
-    return nbdkit.THREAD_MODEL_SERIALIZE_ALL_REQUESTS
+    # One thread a connection, its requests in turn; connections run side
+    # by side, sharing each export's Disk (thread-safe: tapbridge calls
+    # drivers from a pool too).  SERIALIZE_ALL_REQUESTS lets a client that
+    # never finishes its handshake stall every other (nbdkit 1.32 holds
+    # the all-requests lock through the handshake).  PARALLEL's worker
+    # threads take turns at the GIL, at 10-30% more CPU a request.
+    # Figures: README, "Benchmark".
+    return nbdkit.THREAD_MODEL_SERIALIZE_REQUESTS
 
 
 def get_ready():
@@ -87,16 +93,28 @@ def get_ready():
 
 def after_fork():
     _stop.start()
+    _handshakes.start(_settings["handshake-limit"])
 
 
 def cleanup():
+    _handshakes.end()
     _stop.end()
     _exports.close_all()
 
 
 def preconnect(readonly):
-    if _settings["allow"]:
-        connections.refuse_others(_settings["allow"])
+    if not (_settings["allow"] or _settings["handshake-limit"]):
+        return
+    client = connections.this_client()      # None on a Unix socket
+    if client is None:
+        return
+    if _settings["allow"] and not client.allowed(_settings["allow"]):
+        message = f"client {client} is not in allow="
+        if not client.hang_up():
+            raise PermissionError(errno.EACCES, message)  # nbdkit drops it
+        connections.log(message + ": hung up")
+        return
+    _handshakes.begin(client)
 
 
 def list_exports(readonly, is_tls):
@@ -109,13 +127,16 @@ def default_export(readonly, is_tls):
 
 def open(readonly):
     try:
-        return _exports.connect(nbdkit.export_name())
+        disk = _exports.connect(nbdkit.export_name())
     except Exception as e:
         _fail(e)
         raise
+    _handshakes.opened()
+    return disk
 
 
 def close(h):
+    _handshakes.closed()
     _exports.disconnect(h)
 
 

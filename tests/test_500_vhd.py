@@ -201,3 +201,29 @@ def set_bat(path, index, entry):
     data = bytearray(path.read_bytes())
     struct.pack_into(">I", data, hdr.table_offset + 4 * index, entry)
     path.write_bytes(data)
+
+
+def test_footer_copy_decides_where_both_are_sound(tmp_path):
+    """Footers that disagree (both with good checksums): the copy at
+    offset 0 gives the size, as in qemu, which reads it first."""
+    path = tmp_path / "disk.vhd"
+    qemu_vhd(path, 8 * MiB)
+    data = bytearray(path.read_bytes())
+    copy = vhd.FOOTER.unpack_from(data, 0)
+    data[-512:] = _checksummed(vhd.FOOTER, copy._replace(
+        current_size=4 * MiB))
+    path.write_bytes(data)
+    assert qemu_size(path) == 8 * MiB
+    assert read_all(path) == qemu_raw(path)
+
+
+def test_damaged_copy_reads_through_the_end_footer(tmp_path):
+    """A damaged footer copy, the footer itself sound: read, as the
+    specification keeps the footer at the end for (qemu refuses)."""
+    path = tmp_path / "disk.vhd"
+    qemu_vhd(path, 8 * MiB)
+    expected = qemu_raw(path)
+    data = bytearray(path.read_bytes())
+    data[64] ^= 0xFF                        # the copy's checksum
+    path.write_bytes(data)
+    assert read_all(path) == expected

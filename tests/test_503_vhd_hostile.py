@@ -7,7 +7,8 @@ import pytest
 
 from conftest import nbdplug, run
 from hostile import assert_rejected
-from test_500_vhd import header_of, patch_footers, patch_header, set_bat
+from test_500_vhd import (header_of, patch_footers, patch_header, qemu_raw,
+                          read_all, set_bat)
 
 MiB = 1 << 20
 
@@ -47,8 +48,23 @@ def test_bad_footer_checksums(image):
 
 
 def test_bad_dynamic_header_checksum(image):
+    """qemu does not check it: a reader reads on, a writer refuses."""
     corrupt(image, 512 + 40, b"\xde\xad")       # inside parent_unique_id
-    assert_rejected(image, "vpc", "dynamic header checksum")
+    assert read_all(image) == qemu_raw(image)
+    assert_rejected(image, "vpc", "dynamic header checksum", readonly=False)
+
+
+@pytest.mark.parametrize("version", [0x00020000, 0xFFFF, 0x40000000])
+def test_unknown_versions(image, version):
+    """qemu reads past unknown format and dynamic header versions: so do
+    readers; a writer refuses them."""
+    patch_footers(image, file_format_version=version)
+    assert read_all(image) == qemu_raw(image)
+    assert_rejected(image, "vpc", "format version", readonly=False)
+    patch_footers(image, file_format_version=0x00010000)
+    patch_header(image, header_version=version)
+    assert read_all(image) == qemu_raw(image)
+    assert_rejected(image, "vpc", "dynamic header version", readonly=False)
 
 
 def test_no_footer_anywhere(image):
@@ -66,6 +82,24 @@ def test_bat_entries(image, entry, match):
     """A reader takes such blocks, as qemu does; a writer refuses."""
     set_bat(image, 3, entry)
     assert_rejected(image, "vpc", match, readonly=False)
+
+
+@pytest.mark.parametrize("entry", [0, 1, 3])
+def test_blocks_over_metadata_read_as_qemu(image, entry):
+    """A block over the footer copy, the dynamic header or the BAT reads
+    whole, its "bitmap" being metadata bytes, as qemu reads it."""
+    set_bat(image, 1, entry)
+    assert read_all(image) == qemu_raw(image)
+
+
+def test_damaged_bitmap_reads_the_block_whole(image):
+    """A dynamic disk's block reads whole whatever its bitmap says (as in
+    qemu): a cleared bitmap loses no data."""
+    first = struct.unpack_from(">I", image.read_bytes(),
+                               header_of(image).table_offset)[0]
+    corrupt(image, first * 512, bytes(512))
+    assert read_all(image)[:4096] == b"\1" * 4096
+    assert read_all(image) == qemu_raw(image)
 
 
 def test_bitmap_past_end_of_file(image):
@@ -107,7 +141,6 @@ def test_bat_outside_the_file(image):
     ({"disk_type": 7}, "disk_type"),
     ({"current_size": 2041 << 30}, "2040 GiB"),
     ({"data_offset": 1 << 50}, "data_offset"),
-    ({"file_format_version": 0x00020000}, "file_format_version"),
 ])
 def test_footer_fields(image, fields, match):
     patch_footers(image, **fields)
@@ -115,11 +148,14 @@ def test_footer_fields(image, fields, match):
 
 
 def test_fixed_disk_shorter_than_its_size(tmp_path):
+    """A reader, as qemu, reads what lies past the end as zeros (the
+    footer among the guest's bytes); a writer refuses."""
     path = tmp_path / "fixed.vhd"
     nbdplug("create", "-q", "-f", "vpc", "-o", "subformat=fixed", path,
             "1M")
     patch_footers(path, current_size=64 * MiB)
-    assert_rejected(path, "vpc", "too short")
+    assert read_all(path) == qemu_raw(path)
+    assert_rejected(path, "vpc", "too short", readonly=False)
 
 
 def _locator(path, index, **fields):

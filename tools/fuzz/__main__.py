@@ -145,7 +145,7 @@ def main(argv=None):
         for name, fmt, path in seed_list:
             with open(path, "rb") as f:
                 SHAPES[name] = mutate.SHAPES[fmt](f.read())
-        allowed = run.deliberate_refusals()
+        allowed = (run.deliberate_refusals(), run.deliberate_leniencies())
         tally = Tally()
         deadline = time.monotonic() + args.seconds if args.seconds else None
         numbers = iter(range(args.first, args.first + args.cases)

@@ -21,7 +21,8 @@ Bad classes (a fuzz round must show none):
   write damage    our writes to an image qemu checks clean left one qemu
                   finds corrupt, or that reads back other than written
 A refusal matching one of the deliberate refusals the README lists is
-"deliberate", not bad.
+"deliberate", and an image we read whose qemu-img refusal matches one of
+the deliberate leniencies it lists is "lenient": neither is bad.
 """
 
 import hashlib
@@ -52,13 +53,26 @@ def check_disagrees(fmt, ours, theirs):
     return theirs == 2 and ours != 2
 
 
-def deliberate_refusals():
-    """The messages of the refusals README.rst lists as deliberate: the
-    quoted text of each item under "Deliberate refusals"."""
+def deliberate(heading):
+    """The messages README.rst lists under `heading`: the quoted text of
+    each item ("Deliberate refusals": ours; "Deliberate leniencies":
+    qemu-img's refusals of images we read)."""
     with open(os.path.join(REPO, "README.rst")) as f:
-        text = f.read()
-    part = text.split("Deliberate refusals", 1)[-1].split("\n\n\n", 1)[0]
+        lines = f.read().splitlines()
+    start = lines.index(heading) + 2            # past its underline
+    end = next((i for i in range(start, len(lines) - 1)
+                if lines[i].strip() and lines[i + 1][:3] in ("---", "===")),
+               len(lines))
+    part = "\n".join(lines[start:end])
     return [m.replace("\n", " ") for m in re.findall(r'``"([^`]+)"``', part)]
+
+
+def deliberate_refusals():
+    return deliberate("Deliberate refusals")
+
+
+def deliberate_leniencies():
+    return deliberate("Deliberate leniencies")
 
 
 class Worker:
@@ -106,6 +120,8 @@ def qemu(argv):
 
 
 def digest(path):
+    """The image's digest (images are small; their raw outputs need not
+    be: same_bytes compares those)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -113,9 +129,37 @@ def digest(path):
     return h.hexdigest()
 
 
-def same_bytes(a, b):
-    return os.path.getsize(a) == os.path.getsize(b) and \
-        digest(a) == digest(b)
+def _data(f, size):
+    """(start, end) of each stretch of the open file `f` that is not a
+    hole (holes read as zeros)."""
+    fd, pos = f.fileno(), 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:             # ENXIO: a hole from pos to the end
+            return
+        pos = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        yield start, pos
+
+
+def same_bytes(a, b, skip=None):
+    """Whether files `a` and `b` hold the same bytes (outside [0, skip)),
+    compared only where either holds data: the raw image of a huge,
+    mostly empty disk is a sparse file."""
+    size = os.path.getsize(a)
+    if os.path.getsize(b) != size:
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        spans = sorted(list(_data(fa, size)) + list(_data(fb, size)))
+        pos = skip or 0                 # compared up to here
+        for start, end in spans:
+            for at in range(max(start, pos), end, 1 << 20):
+                n = min(1 << 20, end - at)
+                if os.pread(fa.fileno(), n, at) != \
+                        os.pread(fb.fileno(), n, at):
+                    return False
+            pos = max(pos, end)
+    return True
 
 
 def first_line(text):
@@ -141,8 +185,9 @@ class Verdict(typing.NamedTuple):
 
 def judge(image, fmt, work, worker, write=True, allowed=None):
     """Run both sides on `image` (format `fmt`), scratch files in `work`;
-    return a Verdict."""
-    allowed = deliberate_refusals() if allowed is None else allowed
+    return a Verdict.  `allowed`: (deliberate refusals, leniencies)."""
+    refusals, leniencies = allowed or (deliberate_refusals(),
+                                       deliberate_leniencies())
     classes, facts = {}, {}
     before = digest(image)
     q_raw, o_raw = os.path.join(work, "qemu.raw"), os.path.join(work,
@@ -178,12 +223,16 @@ def judge(image, fmt, work, worker, write=True, allowed=None):
     if q_reads and o_reads and not same_bytes(q_raw, o_raw):
         classes["bytes differ"] = "qemu-img convert and ours differ"
     if q_clean and not o_reads and "traceback" not in classes:
-        if any(text in refusal for text in allowed):
+        if any(text in refusal for text in refusals):
             classes["deliberate"] = refusal
         else:
             classes["refuses clean"] = refusal
     if not q_reads and o_reads and q_info[0] is not None:
-        classes["accepts corrupt"] = facts["qemu"]["error"]
+        error = facts["qemu"]["error"]
+        if any(text in error for text in leniencies):
+            classes["lenient"] = error
+        else:
+            classes["accepts corrupt"] = error
     if fmt in CHECKED and q_check[0] is not None and \
             o_check["rc"] is not None and \
             check_disagrees(fmt, o_check["rc"], q_check[0]):
@@ -243,10 +292,16 @@ def _reads_as_written(before, after):
     """`after` is `before` with WRITES applied: written and zeroed bytes
     as asked (no seed has a backing file), each trimmed sector either as
     it was or zeros (discard may leave data)."""
+    size = os.path.getsize(before)
+    if os.path.getsize(after) != size:
+        return False
+    # The writes' window is judged in memory, the rest compared.
+    window = min(size, max(offset + length for _, offset, length, *_ in
+                           WRITES))
     with open(before, "rb") as f:
-        old = f.read()
+        old = f.read(window)
     with open(after, "rb") as f:
-        new = f.read()
+        new = f.read(window)
     expect = bytearray(old)
     trimmed = []
     for op, offset, length, *rest in WRITES:
@@ -259,11 +314,9 @@ def _reads_as_written(before, after):
         expect[offset:offset + length] = bytes([byte]) * length
         trimmed = [(o, n) for o, n in trimmed
                    if o + n <= offset or offset + length <= o]
-    if len(new) != len(expect):
-        return False
     for offset, length in trimmed:
         for at in range(offset, offset + length, 512):
             sector = new[at:at + 512]
             if sector == bytes(len(sector)):
                 expect[at:at + 512] = sector
-    return new == bytes(expect)
+    return new == bytes(expect) and same_bytes(before, after, skip=window)

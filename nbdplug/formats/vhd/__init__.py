@@ -10,8 +10,10 @@ Reference: Microsoft, "Virtual Hard Disk Image Format Specification" 1.0
     block:    sector bitmap (a bit per 512-byte sector, most significant
               bit first, padded to whole sectors) | block_size data bytes
 
-A sector whose bitmap bit is clear reads from the parent (differencing) or
-as zeros (dynamic).  All values are big-endian.
+A sector whose bitmap bit is clear reads from the parent (differencing).
+A dynamic disk's allocated block reads whole, whatever its bitmap says, as
+qemu reads it (the specification's "never modified" sectors are zeros
+there).  All values are big-endian.
 
 Nothing points at bytes that are not yet durable: a new block's data,
 bitmap and the footer moved past it, then its BAT entry; data before the

@@ -33,6 +33,13 @@ class VhdDisk(Disk):
         self._lock = threading.RLock()
         self._bitmaps = Cache(BITMAP_CACHE)     # block -> sector bits
         self._full = span_bits(0, 8 * geom.bitmap_size)
+        # Whether reads honour the sector bitmaps: a differencing disk's
+        # clear bit shows the parent.  A dynamic disk's block reads whole,
+        # as qemu reads it: its bits only say which sectors were written,
+        # and writers (qemu, us) set them all when allocating and leave
+        # the rest zero, so only a damaged bitmap tells the two apart.
+        self._sparse_blocks = geom.disk_type == DIFFERENCING
+        self._stored = file.size()      # a fixed disk's bytes in the file
         # Where the next block goes: over the end footer, or past the end
         # of a file whose end footer is missing.
         size = file.size()
@@ -50,7 +57,8 @@ class VhdDisk(Disk):
         file = ctx.open_file(path, readonly)
         disk = None
         try:
-            geom = validate(file, path)
+            geom = validate(file, path,
+                            (lambda error: None) if readonly else None)
             bat = read_bat(file, geom) if geom.disk_type != FIXED else None
             # A reader, as qemu, takes blocks that overlap metadata or
             # each other; a writer refuses them.  Both refuse a block
@@ -60,6 +68,7 @@ class VhdDisk(Disk):
                 for field, message in block_problems(
                         geom, bat, file.size(), overlaps=not readonly):
                     raise CorruptImage(path, FMT, message, field)
+                bat = bat[:geom.bat_entries]
             disk = cls(file, geom, bat, readonly)
             if geom.disk_type == DIFFERENCING:
                 disk._open_parent(ctx)
@@ -119,7 +128,13 @@ class VhdDisk(Disk):
         """This layer's runs (DATA, and BACKING or, without a parent,
         ZERO) covering the range in order."""
         if self.geom.disk_type == FIXED:
-            return [Run(offset, length, DATA, host=(self.path, offset))]
+            # (A reader takes a file shorter than the disk: the rest
+            # reads as zeros, as in qemu.)
+            stored = max(0, min(length, self._stored - offset))
+            runs = [Run(offset, stored, DATA, host=(self.path, offset))]
+            if stored < length:
+                runs.append(Run(offset + stored, length - stored, ZERO))
+            return [run for run in runs if run.length]
         bs, bitmap_size = self.geom.block_size, self.geom.bitmap_size
         absent = Run(0, 0, BACKING if self.backing is not None else ZERO)
         runs = []
@@ -134,7 +149,8 @@ class VhdDisk(Disk):
                     offset += n
                     continue
                 data = entry * SECTOR + bitmap_size
-                bits = self._bitmap(block, entry)
+                bits = self._bitmap(block, entry) if self._sparse_blocks \
+                    else self._full
                 first = within // SECTOR
                 last = -(-(within + n) // SECTOR)
                 for s, e, present in bit_runs(bits, first, last):
@@ -154,11 +170,14 @@ class VhdDisk(Disk):
             # Fast path: inside one block whose every sector is present.
             block, within = divmod(offset, geom.block_size)
             if 0 <= offset and within + len(buf) <= geom.block_size and \
-                    offset + len(buf) <= self.size and \
-                    self._bitmaps.peek(block) is self._full:
-                self.file.pread(buf, self.bat[block] * SECTOR +
-                                geom.bitmap_size + within)
-                return
+                    offset + len(buf) <= self.size:
+                entry = self.bat[block]
+                if entry != UNUSED and (
+                        not self._sparse_blocks or
+                        self._bitmaps.peek(block) is self._full):
+                    self.file.pread(buf, entry * SECTOR + geom.bitmap_size +
+                                    within)
+                    return
         self.fill(buf, self._runs(offset, len(buf)), self.file)
 
     def map(self, count, offset):
@@ -368,17 +387,19 @@ class VhdDisk(Disk):
         file = ctx.open_file(path, repair is None)
         report = CheckReport(path, FMT)
         try:
-            geom = validate(file, path)
+            geom = validate(file, path,
+                            lambda error: report.corrupt(str(error)))
             report.image_end_offset = file.size()
             if geom.disk_type == FIXED:
                 return report
-            bat = read_bat(file, geom)
+            table = read_bat(file, geom)
+            bat = table[:geom.bat_entries]
             report.total_clusters = geom.bat_entries
             report.allocated_clusters = sum(e != UNUSED for e in bat)
             disk = cls(file, geom, bat, repair is None)
             disk._check_footers(report, repair)
             bad = set()
-            for field, message in block_problems(geom, bat, file.size()):
+            for field, message in block_problems(geom, table, file.size()):
                 report.corrupt(f"{field}: {message}")
                 bad.add(int(field[4:-1]))
             disk._check_bitmaps(report, bad, repair is not None)
@@ -409,7 +430,10 @@ class VhdDisk(Disk):
                                "(qemu cannot open the image)")
 
     def _check_bitmaps(self, report, bad, repair):
-        """A block whose bitmap holds no sector is a leak."""
+        """A differencing disk's block whose bitmap holds no sector is a
+        leak (a dynamic disk's reads whole)."""
+        if not self._sparse_blocks:
+            return
         for block, entry in enumerate(self.bat):
             if entry == UNUSED or block in bad:
                 continue

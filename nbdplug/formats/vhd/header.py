@@ -86,8 +86,20 @@ def disk_size(footer):
     return chs * SECTOR
 
 
-def validate(file, path):
-    """Parse and validate the footer and dynamic header of `file`."""
+def _raise(error):
+    raise error
+
+
+def validate(file, path, tolerate=None):
+    """Parse and validate the footer and dynamic header of `file`.
+
+    Faults a reader can live with, because qemu reads past them and what
+    is read stays bounded and inside the file, go to `tolerate` (without
+    it they are raised, as a writer wants): an unknown format or dynamic
+    header version, a dynamic header checksum mismatch, a fixed disk
+    shorter than its size (the rest reads as zeros).
+    """
+    tolerate = tolerate or _raise
     file_size = file.size()
     if file_size < SECTOR:
         raise CorruptImage(path, FMT, "file is too small for a VHD footer",
@@ -97,11 +109,15 @@ def validate(file, path):
     footer_end, footer_head = _parse_footer(end), _parse_footer(head)
     copy_valid = footer_head is not None and \
         footer_head.disk_type in (DYNAMIC, DIFFERENCING)
-    if footer_end is not None:
-        footer, raw = footer_end, end
-    elif copy_valid:
-        # The specification keeps the copy for a damaged end footer.
+    if copy_valid:
+        # qemu reads the copy first, so where both are sound but differ
+        # (the copy never changes after creation) it decides.
         footer, raw = footer_head, head
+    elif footer_end is not None:
+        # The footer itself: a fixed disk has no copy, and a damaged copy
+        # is what the specification keeps the end footer for (qemu
+        # refuses it, README "Deliberate leniencies").
+        footer, raw = footer_end, end
     elif COOKIE in (end[:8], head[:8]):
         raise CorruptImage(path, FMT, "footer checksum mismatch",
                            "footer.checksum")
@@ -109,9 +125,9 @@ def validate(file, path):
         raise CorruptImage(path, FMT, "no VHD footer ('conectix') at the "
                            "end of the file", "footer.cookie")
     if footer.file_format_version >> 16 != VERSION >> 16:
-        raise UnsupportedFeature(path, FMT, "format version "
-                                 f"{footer.file_format_version:#x}",
-                                 "footer.file_format_version")
+        tolerate(UnsupportedFeature(path, FMT, "format version "
+                                    f"{footer.file_format_version:#x}",
+                                    "footer.file_format_version"))
     if footer.disk_type not in SUBFORMATS:
         raise CorruptImage(path, FMT, f"disk type {footer.disk_type} is "
                            "not fixed (2), dynamic (3) or differencing (4)",
@@ -126,15 +142,15 @@ def validate(file, path):
                   creator=footer.creator_application.decode("latin-1"))
     if footer.disk_type == FIXED:
         if file_size - SECTOR < size:
-            raise CorruptImage(path, FMT, f"file of {file_size} bytes is "
-                               f"too short for a disk of {size}",
-                               "footer.current_size")
+            tolerate(CorruptImage(path, FMT, f"file of {file_size} bytes is "
+                                  f"too short for a disk of {size}",
+                                  "footer.current_size"))
         return Geometry(**common)
     return Geometry(**common, **_dynamic_fields(file, path, footer, size,
-                                                file_size))
+                                                file_size, tolerate))
 
 
-def _dynamic_fields(file, path, footer, size, file_size):
+def _dynamic_fields(file, path, footer, size, file_size, tolerate):
     """Validate the dynamic header; its fields for the Geometry."""
     offset = footer.data_offset
     if offset < SECTOR or offset % SECTOR or \
@@ -147,12 +163,12 @@ def _dynamic_fields(file, path, footer, size, file_size):
         raise CorruptImage(path, FMT, "no dynamic header ('cxsparse')",
                            "dynamic header.cookie")
     if hdr.checksum != checksum(buf, DYNAMIC_HEADER.offset("checksum")):
-        raise CorruptImage(path, FMT, "dynamic header checksum mismatch",
-                           "dynamic header.checksum")
+        tolerate(CorruptImage(path, FMT, "dynamic header checksum mismatch",
+                              "dynamic header.checksum"))
     if hdr.header_version >> 16 != VERSION >> 16:
-        raise UnsupportedFeature(path, FMT, "dynamic header version "
-                                 f"{hdr.header_version:#x}",
-                                 "dynamic header.header_version")
+        tolerate(UnsupportedFeature(path, FMT, "dynamic header version "
+                                    f"{hdr.header_version:#x}",
+                                    "dynamic header.header_version"))
     bs = hdr.block_size
     if bs & (bs - 1) or not MIN_BLOCK_SIZE <= bs <= MAX_BLOCK_SIZE:
         raise CorruptImage(path, FMT, f"block size {bs} is not a power of "
@@ -169,7 +185,7 @@ def _dynamic_fields(file, path, footer, size, file_size):
                                  f"larger than {MAX_BAT_ENTRIES}",
                                  "dynamic header.max_table_entries")
     table = hdr.table_offset
-    if table < SECTOR or table + 4 * entries > file_size:
+    if table < SECTOR or round_up(table + 4 * entries, SECTOR) > file_size:
         raise CorruptImage(path, FMT, f"BAT at {table} lies outside the "
                            "file", "dynamic header.table_offset")
     fields = dict(data_offset=offset, table_offset=table,
@@ -230,8 +246,9 @@ def locator_name(path, code, raw, field):
 
 
 def read_bat(file, geom):
-    """The BAT entries that map the disk, as sector numbers."""
-    bat = array.array("I", file.read(4 * geom.bat_entries,
+    """The whole BAT, as sector numbers (entries past those that map the
+    disk matter only to where blocks may lie)."""
+    bat = array.array("I", file.read(4 * geom.max_table_entries,
                                      geom.table_offset))
     if sys.byteorder == "little":
         bat.byteswap()
@@ -239,8 +256,10 @@ def read_bat(file, geom):
 
 
 def block_problems(geom, bat, file_size, overlaps=True):
-    """(field, message) for each block outside the file or (with
-    `overlaps`) overlapping metadata or another block."""
+    """(field, message) for each block of the whole BAT outside the file
+    (as qemu, which refuses such a table as truncated) or, with
+    `overlaps`, each block mapping the disk that overlaps metadata or
+    another such block."""
     span = geom.bitmap_size + geom.block_size
     metadata = geom.metadata()
     blocks = sorted((entry * SECTOR, i) for i, entry in enumerate(bat)
@@ -251,7 +270,7 @@ def block_problems(geom, bat, file_size, overlaps=True):
         if end > file_size:
             yield field, (f"block at {start} lies past the end of the file "
                           f"({file_size})")
-        if not overlaps:
+        if not overlaps or i >= geom.bat_entries:
             continue
         for m_start, m_len, name in metadata:
             if start < m_start + m_len and m_start < end:

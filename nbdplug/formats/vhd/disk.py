@@ -31,6 +31,7 @@ class VhdDisk(Disk):
         self._grain = min(GRAIN, geom.block_size) if geom.block_size \
             else SECTOR
         self._lock = threading.RLock()
+        self._quarantine = {}       # emptied block -> entry, still pinned
         self._bitmaps = Cache(BITMAP_CACHE)     # block -> sector bits
         self._full = span_bits(0, 8 * geom.bitmap_size)
         # Where the next block goes: over the end footer, or past the end
@@ -309,8 +310,12 @@ class VhdDisk(Disk):
             return
         bits = self._bitmap(block, entry) & ~span_bits(first, last)
         if not bits & span_bits(0, self._sectors_in(block)):
-            self._release(block, entry)
-            return
+            if not self.pinned(self.path, entry * SECTOR,
+                               self.geom.bitmap_size + self.geom.block_size):
+                self._release(block, entry)
+                return
+            # A dm table maps the block: keep it, empty, until unpinned.
+            self._quarantine[block] = entry
         # Bits first, so our reads fall through at once; then the bytes,
         # so readers that ignore bitmaps (qemu, Windows) read zeros too.
         self._store_bitmap(block, entry, bits)
@@ -329,6 +334,21 @@ class VhdDisk(Disk):
             self._shrink()
         else:
             self._punch(start, end - start)
+
+    def unpinned(self):
+        """Release the emptied blocks that waited for their pins to go,
+        if they are still empty."""
+        span = self.geom.bitmap_size + self.geom.block_size
+        with self._lock:
+            waiting, self._quarantine = self._quarantine, {}
+            for block, entry in waiting.items():
+                if self.bat[block] != entry or self._bitmap(block, entry) \
+                        & span_bits(0, self._sectors_in(block)):
+                    continue            # written again meanwhile
+                if self.pinned(self.path, entry * SECTOR, span):
+                    self._quarantine[block] = entry
+                else:
+                    self._release(block, entry)
 
     def _shrink(self):
         """Move the footer back to the end of what is in use and truncate

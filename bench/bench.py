@@ -8,7 +8,10 @@ Every figure is measured in the same run as its peer, on this machine:
   plugin; sequential 1 MiB and random 4 KiB reads and writes at QD1 and
   QD16, and two connections at QD16;
 - `nbdplug convert` against `qemu-img convert`;
-- tapbridge's shared-memory blkif ring against the same driver over NBD.
+- tapbridge's shared-memory blkif ring against the same driver over NBD;
+- the fast device (dm over loop and NBD) against a loop device on the
+  raw twin and against the NBD-only attach, in one boot of the kernel
+  lane (fast_bench.py), with the promotion delay and table sizes.
 
 Medians of several rounds with [min-max], each with a ratio to its peer.
 Results go to bench/results/ (git ignores it): bench.json, bench.md and
@@ -31,10 +34,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
 import convert_bench  # noqa: E402
+import fast_bench  # noqa: E402
 import nbd_bench  # noqa: E402
 import tapbridge_bench  # noqa: E402
 
-PARTS = ("nbd", "convert", "tapbridge")
+PARTS = ("nbd", "convert", "tapbridge", "fast")
 
 
 def ratios(results):
@@ -49,6 +53,9 @@ def ratios(results):
         out.append((f"convert {pair} (vs qemu-img)", row["ratio"]))
     for key, row in results.get("tapbridge", {}).items():
         out.append((f"tapbridge ring {key} (vs NBD)", row["ratio"]))
+    for key, row in results.get("fast", {}).get("rows", {}).items():
+        out.append((f"fast device {key} (vs loop on raw)", row["vs loop"]))
+        out.append((f"fast device {key} (vs NBD only)", row["vs nbd"]))
     return out
 
 
@@ -92,6 +99,8 @@ def main():
             results["convert"] = convert_bench.run(workdir)
         if "tapbridge" in parts:
             results["tapbridge"] = tapbridge_bench.run(workdir)
+        if "fast" in parts:
+            results["fast"] = fast_bench.run(workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(),
@@ -108,6 +117,8 @@ def main():
         table += convert_bench.markdown(results["convert"])
     if "tapbridge" in results:
         table += tapbridge_bench.markdown(results["tapbridge"])
+    if "fast" in results:
+        table += fast_bench.markdown(results["fast"])
     with open(os.path.join(args.out, "bench.md"), "w") as f:
         f.write(table)
     chart(ratios(results), os.path.join(args.out, "bench.png"))

@@ -70,6 +70,7 @@ class Manager:
         self.readonly = True
         self.stats = collections.Counter()
         self.last_reload = None             # seconds a reload took
+        self.last_error = None
         self._lock = threading.Lock()       # one round or command at a time
         self._stop = threading.Event()
         self._thread = None
@@ -139,6 +140,7 @@ class Manager:
                 "aborted": self.stats["aborted"],
                 "last-reload-ms": None if self.last_reload is None else
                 round(self.last_reload * 1000, 2),
+                "errors": self.stats["errors"], "last-error": self.last_error,
                 "running": self.running, "pending": len(self.log)}
 
     def where(self, offset):
@@ -152,16 +154,19 @@ class Manager:
     # --- rounds ------------------------------------------------------------
 
     def _rounds(self):
+        behind = False          # a round failed: try again without news
         while not self._stop.wait(INTERVAL):
-            if not self.log:
+            if not self.log and not behind:
                 continue
             try:
                 with self._lock:
                     if self.running:
+                        behind = True
                         self.round()
-            except Exception as e:      # keep serving; say it once a round
+                        behind = False
+            except Exception as e:      # keep serving; status says why
                 self.stats["errors"] += 1
-                print(f"nbdplug dm manager: {e}", flush=True)
+                self.last_error = str(e)
 
     def round(self):
         """Read again what requests touched; reload if the table changes

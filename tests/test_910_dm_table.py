@@ -116,27 +116,50 @@ class Recorder:
         self.inactive = None
 
 
+def start_manager(image, tmp_path, monkeypatch, on_create=None):
+    """A Manager over `image` (opened writable) whose device records."""
+    monkeypatch.setattr(manager, "_grow", lambda dev: os.path.getsize(dev))
+    devices, created = [], []
+
+    def device(name):
+        devices.append(Recorder(name))
+        return devices[-1]
+
+    def create(name, table, readonly):
+        created.append(table.text())
+        if on_create:
+            on_create()
+    monkeypatch.setattr(manager.dmtable, "load", create)
+    disk = open_image(str(image), "qcow2", readonly=False)
+    m = manager.Manager(disk, str(tmp_path / "ctl"), device=device)
+    m.start("nbdplug-x", "/dev/nbd9", {str(image): str(image)}, False)
+    m.stop()        # rounds by hand
+    m.running = True
+    return m, disk, devices[0], created
+
+
 @pytest.fixture
 def managed(tmp_path, monkeypatch):
     image = tmp_path / "m.qcow2"
     run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "8M"])
     run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 1M", str(image)])
-    monkeypatch.setattr(manager, "_grow", lambda dev: os.path.getsize(dev))
-    devices = []
-
-    def device(name):
-        devices.append(Recorder(name))
-        return devices[-1]
-    created = []
-    monkeypatch.setattr(manager.dmtable, "load",
-                        lambda name, table, ro: created.append(table.text()))
-    disk = open_image(str(image), "qcow2", readonly=False)
-    m = manager.Manager(disk, str(tmp_path / "ctl"), device=device)
-    m.start("nbdplug-x", "/dev/nbd9", {str(image): str(image)}, False)
-    m.stop()        # rounds by hand below
-    m.running = True
-    yield m, disk, devices[0], created
+    m, disk, dev, created = start_manager(image, tmp_path, monkeypatch)
+    yield m, disk, dev, created
     disk.close()
+
+
+def test_manager_prepares_writes_before_the_table(tmp_path, monkeypatch):
+    """qcow2's autoclear bits are cleared, durably, before a writable
+    table exists (writes through it never reach the driver)."""
+    from test_900_host_mapping import autoclear
+    image = tmp_path / "b.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "8M"])
+    run(["qemu-img", "bitmap", "--add", str(image), "b0"])
+    seen = []
+    _, disk, _, _ = start_manager(image, tmp_path, monkeypatch,
+                                  lambda: seen.append(autoclear(image)))
+    disk.close()
+    assert seen == [0]
 
 
 def test_manager_promotes_allocating_writes(managed):

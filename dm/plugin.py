@@ -9,6 +9,10 @@ Every key but dm-control (the manager's control socket) and dm-targets
 export, the unnamed one.  The write callbacks tell the manager what they
 changed after the driver has done it (a deque append); nothing else
 here runs in a request.
+
+A flush on the dm device arrives once for every NBD target of the table
+(see dm/fast.py): one that follows a flush begun after the last write
+has nothing to make durable, and returns at once.
 """
 
 import os
@@ -61,16 +65,33 @@ def cleanup():
     base.cleanup()
 
 
+# Writes done, and how many of them the last flush began after.
+_writes = {"done": 0, "flushed": 0}
+
+
 def pwrite(h, buf, offset, flags):
     base.pwrite(h, buf, offset, flags)
-    _manager.note(offset, len(buf))
+    _written(offset, len(buf), False)
 
 
 def trim(h, count, offset, flags):
     base.trim(h, count, offset, flags)
-    _manager.note(offset, count, True)
+    _written(offset, count, True)
 
 
 def zero(h, count, offset, flags):
     base.zero(h, count, offset, flags)
-    _manager.note(offset, count, True)
+    _written(offset, count, True)
+
+
+def _written(offset, count, frees):
+    _writes["done"] += 1
+    _manager.note(offset, count, frees)
+
+
+def flush(h, flags):
+    done = _writes["done"]
+    if done == _writes["flushed"]:
+        return              # durable since a flush that began after it
+    base.flush(h, flags)
+    _writes["flushed"] = max(_writes["flushed"], done)

@@ -8,19 +8,12 @@ import os
 
 import pytest
 
-from conftest import qemu_img_check_clean, run
+from conftest import nbdplug, qemu_img_check_clean, qemu_io, run
 from nbdplug import open_image
 from nbdplug.disk import Pins
 
 MiB = 1 << 20
 KiB = 1 << 10
-
-
-def qemu_io(image, fmt, *commands):
-    argv = ["qemu-io", "-f", fmt]
-    for c in commands:
-        argv += ["-c", c]
-    run(argv + [str(image)])
 
 
 def plain(disk):
@@ -149,8 +142,8 @@ def test_vhd_differencing_only_sectors_whose_bit_is_set(tmp_path):
     base, child = tmp_path / "base.vhd", tmp_path / "child.vhd"
     run(["qemu-img", "create", "-q", "-f", "vpc", str(base), "4M"])
     qemu_io(base, "vpc", "write -P 0x71 0 4M")
-    run([*__import__("conftest").NBDPLUG, "create", "-q", "-f", "vpc",
-         "-b", "base.vhd", "-F", "vpc", str(child)], cwd=str(tmp_path))
+    nbdplug("create", "-q", "-f", "vpc", "-b", "base.vhd", "-F", "vpc",
+            child)
     with open_image(str(child), "vpc", readonly=False) as disk:
         # Written in 4 KiB grains: eight sectors each.
         disk.pwrite(b"\x72" * 1024, 4096)
@@ -219,4 +212,4 @@ def test_vhd_emptied_block_waits_while_pinned(tmp_path):
         assert disk.read(2 * MiB, 4 * MiB) == bytes(2 * MiB)
         disk.set_pins(Pins())           # released now
         assert disk.bat[2] == 0xFFFFFFFF
-    run([*__import__("conftest").NBDPLUG, "check", str(image)])
+    nbdplug("check", image)

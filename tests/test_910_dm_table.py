@@ -7,6 +7,7 @@ import os
 import pytest
 
 from conftest import run
+from test_600_hotplug import HOTPLUG
 from dm import fast, manager
 from dm.fast import Piece
 from nbdplug import open_image
@@ -76,8 +77,7 @@ def test_map_dm_prints_the_table_it_would_load(tmp_path):
     image = tmp_path / "a.qcow2"
     run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "4M"])
     run(["qemu-io", "-f", "qcow2", "-c", "write 1M 128k", str(image)])
-    out = run([*__import__("conftest").NBDPLUG[:2], "hotplug.cli", "map",
-               "--dm", str(image)]).stdout
+    out = run(HOTPLUG + ["map", "--dm", str(image)]).stdout
     lines = [line.split() for line in out.splitlines()]
     assert [(l[0], l[1], l[3]) for l in lines] == [
         ("0", "2048", "nbd"), ("2048", "256", str(image)),

@@ -24,7 +24,7 @@ import time
 
 import pytest
 
-from conftest import qemu_img_check_clean, run
+from conftest import qemu_img_check_clean, qemu_io, run
 from dm import manager, table as dmtable
 from dm.ioctl import Device
 from dm.manager import Manager
@@ -56,13 +56,6 @@ def hp(tmp_path):
     h.close()
     assert_kernel_clean()
     no_loop_under(tmp_path)
-
-
-def qemu_io(image, fmt, *commands):
-    argv = ["qemu-io", "-f", fmt]
-    for c in commands:
-        argv += ["-c", c]
-    run(argv + [str(image)])
 
 
 def qemu_img(*args):

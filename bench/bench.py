@@ -9,6 +9,8 @@ Every figure is measured in the same run as its peer, on this machine:
   QD16, and two connections at QD16;
 - `nbdplug convert` against `qemu-img convert`;
 - tapbridge's shared-memory blkif ring against the same driver over NBD;
+- `nbdplug migrate`: the fill against nbdcopy of the same export, and
+  4 KiB read latency on local clusters during the fill against idle;
 - the fast device (dm over loop and NBD) against a loop device on the
   raw twin and against the NBD-only attach, in one boot of the kernel
   lane (fast_bench.py), with the promotion delay and table sizes.
@@ -35,10 +37,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 import convert_bench  # noqa: E402
 import fast_bench  # noqa: E402
+import migrate_bench  # noqa: E402
 import nbd_bench  # noqa: E402
 import tapbridge_bench  # noqa: E402
 
-PARTS = ("nbd", "convert", "tapbridge", "fast")
+PARTS = ("nbd", "convert", "tapbridge", "migrate", "fast")
 
 
 def ratios(results):
@@ -53,6 +56,12 @@ def ratios(results):
         out.append((f"convert {pair} (vs qemu-img)", row["ratio"]))
     for key, row in results.get("tapbridge", {}).items():
         out.append((f"tapbridge ring {key} (vs NBD)", row["ratio"]))
+    if "migrate" in results:
+        m = results["migrate"]
+        out.append(("migrate fill (vs nbdcopy)", m["fill"]["ratio"]))
+        # Latency: lower is better, so idle / during fill.
+        out.append(("migrate 4K read latency during fill (vs idle)",
+                    1 / m["latency"]["ratio"]))
     for key, row in results.get("fast", {}).get("rows", {}).items():
         out.append((f"fast device {key} (vs loop on raw)", row["vs loop"]))
         out.append((f"fast device {key} (vs NBD only)", row["vs nbd"]))
@@ -99,6 +108,8 @@ def main():
             results["convert"] = convert_bench.run(workdir)
         if "tapbridge" in parts:
             results["tapbridge"] = tapbridge_bench.run(workdir)
+        if "migrate" in parts:
+            results["migrate"] = migrate_bench.run(workdir)
         if "fast" in parts:
             results["fast"] = fast_bench.run(workdir)
     finally:
@@ -117,6 +128,8 @@ def main():
         table += convert_bench.markdown(results["convert"])
     if "tapbridge" in results:
         table += tapbridge_bench.markdown(results["tapbridge"])
+    if "migrate" in results:
+        table += migrate_bench.markdown(results["migrate"])
     if "fast" in results:
         table += fast_bench.markdown(results["fast"])
     with open(os.path.join(args.out, "bench.md"), "w") as f:

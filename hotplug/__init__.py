@@ -7,3 +7,6 @@ and mapped where the kernel does not, the attachment state under
 /run/nbdplug, and the Xen hotplug scripts and udev rules.  It imports
 nbdplug and dm; pyudev and pyparted are used here and nowhere else.
 """
+
+# dm over kernel NBD and loop devices, kernel NBD, or nbdfuse + loop
+VIA = ("fast", "nbd", "loop")

@@ -21,7 +21,7 @@ from nbdplug.serve import nbdkit as server
 from nbdplug.errors import UsageError
 from nbdplug.opener import names_a_file, open_image
 
-from . import devices, fast, partitions, procs, state
+from . import VIA, devices, fast, partitions, procs, state
 from .udev import Watcher
 
 
@@ -29,9 +29,8 @@ def attach(image, fmt=None, readonly=False, share=False, via=None,
            policy=None):
     """Attach `image`; returns its record (see state.py).  `via` None is
     fast where the kernel has NBD and device-mapper, else nbd or loop."""
-    if via not in (None,) + devices.VIA:
-        raise UsageError(f"--via {via!r}: expected "
-                         + ", ".join(devices.VIA))
+    if via not in (None,) + VIA:
+        raise UsageError(f"--via {via!r}: expected " + ", ".join(VIA))
     if names_a_file(image):
         image = os.path.realpath(image)
     with state.locked():

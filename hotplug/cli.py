@@ -9,7 +9,7 @@ import sys
 
 from nbdplug import cli
 
-from .devices import VIA
+from . import VIA
 
 
 def _print_attached(record):

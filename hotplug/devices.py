@@ -13,9 +13,6 @@ from nbdplug.errors import UsageError
 
 from . import procs
 
-VIA = ("fast", "nbd", "loop")   # dm over NBD and loop, kernel NBD, or
-                                # nbdfuse + loop
-
 BLKRRPART = 0x125F      # <linux/fs.h>: re-read the partition table
 
 

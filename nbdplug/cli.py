@@ -247,6 +247,51 @@ def cmd_rm_ram(args):
     remove(args.name)
 
 
+# --- migrate ------------------------------------------------------------
+
+def cmd_migrate(args):
+    from .ops import migrate
+    rate = parse_size(args.rate) if getattr(args, "rate", None) else None
+    if args.action == "start":
+        return migrate.start(args.source, args.image, rate or 0,
+                             args.progress, not args.no_wait,
+                             split_options(args.options))
+    if args.action == "resume":
+        return migrate.resume(args.image, rate, args.progress,
+                              not args.no_wait)
+    if args.action == "cancel":
+        return migrate.cancel(args.image)
+    st = migrate.status(args.image)
+    print(migrate.to_json(st) if args.output == "json"
+          else "\n".join(migrate.status_lines(st)))
+
+
+def _args_migrate(p):
+    actions = p.add_subparsers(dest="action", metavar="ACTION",
+                               parser_class=_Parser, required=True)
+    for name in ("start", "resume"):
+        a = actions.add_parser(name, help="move the disk here" if name ==
+                               "start" else "go on after a stop or cancel")
+        a.add_argument("--rate", metavar="BYTES/s",
+                       help="fill at most this fast (suffixes K, M, G)")
+        a.add_argument("-p", dest="progress", action="store_true",
+                       help="show a progress bar")
+        a.add_argument("--no-wait", action="store_true",
+                       help="return at once; the process that opens the "
+                       "image writable (serve, attach, tapbridge) fills it")
+        if name == "start":
+            a.add_argument("-o", dest="options", metavar="OPTS",
+                           help="qcow2 options KEY=VALUE[,...]")
+            a.add_argument("source", help="NBD URI or local image")
+        a.add_argument("image", help="the local qcow2 image")
+    a = actions.add_parser("status", help="how far the move is")
+    a.add_argument("--output", choices=("human", "json"), default="human")
+    a.add_argument("image")
+    a = actions.add_parser("cancel", help="stop filling; the image stays "
+                           "backed by the source")
+    a.add_argument("image")
+
+
 # --- verb table ---------------------------------------------------------
 
 def _args_info(p):
@@ -344,6 +389,10 @@ VERBS = [
     ("convert", cmd_convert, _args_convert,
      "convert [-f FMT] -O FMT [-o OPTS] [-c] [-p] [-U] "
      "[-B BACKING [-F FMT]] SRC DST"),
+    ("migrate", cmd_migrate, _args_migrate,
+     "migrate start SOURCE LOCAL.qcow2 [--rate BYTES/s] [-p] [--no-wait] "
+     "| resume LOCAL.qcow2 [--rate BYTES/s] [-p] [--no-wait] "
+     "| status LOCAL.qcow2 [--output=human|json] | cancel LOCAL.qcow2"),
 ]
 
 

@@ -19,6 +19,10 @@ from .locking import ImageLock
 # A chain deeper than this is refused (and loops are caught earlier).
 MAX_CHAIN_DEPTH = 64
 
+# How long a read of a moving disk waits for its source to come back
+# before failing with EIO (seconds; NBDPLUG_SOURCE_PATIENCE).
+SOURCE_PATIENCE = float(os.environ.get("NBDPLUG_SOURCE_PATIENCE", "10"))
+
 
 class OpenContext:
     """What one chain's drivers share while opening: the policy, O_DIRECT,
@@ -49,6 +53,11 @@ class OpenContext:
         """
         if self.skip_backing:
             return None         # rebase -u: the old reference may be stale
+        if nbd.is_uri(name):
+            raise PolicyError(referrer, referrer_fmt, f"refers to the "
+                              f"remote export {name!r}; only a move that "
+                              "nbdplug migrate start set up on this host "
+                              "may", field)
         path = self.policy.resolve(referrer, name, referrer_fmt, field)
         if path in self.chain or len(self.chain) >= MAX_CHAIN_DEPTH:
             raise PolicyError(referrer, referrer_fmt,
@@ -58,10 +67,30 @@ class OpenContext:
             raise ImageError(referrer, referrer_fmt,
                              f"backing format {fmt!r} is not supported",
                              field)
-        child = OpenContext(self.policy, self.direct, None,
-                            self.chain + (path,), self.file_factory,
-                            self.share)
+        return self._open_child(path, fmt, self.policy)
+
+    def _open_child(self, path, fmt, policy):
+        child = OpenContext(policy, self.direct, None, self.chain + (path,),
+                            self.file_factory, self.share)
         return open_in(path, fmt, True, child)
+
+    def open_source(self, referrer, referrer_fmt, name, fmt, size, field):
+        """Open the source of a move that `nbdplug migrate start` set up
+        (the caller has verified its record): a remote export through a
+        connection that comes back (formats/nbd.py Reconnecting), or a
+        local image, which may lie outside the allowed roots or be a
+        block device because migrate was told to read it."""
+        if self.skip_backing:
+            return None
+        if self.policy.no_backing:      # refuses, naming --no-backing
+            self.policy.resolve(referrer, name, referrer_fmt, field)
+        if nbd.is_uri(name):
+            return nbd.Reconnecting(name, size, SOURCE_PATIENCE)
+        policy = _policy.OpenPolicy(
+            self.policy.roots + [os.path.dirname(os.path.realpath(name))],
+            allow_devices=True, image_root=False)
+        path = policy.resolve(referrer, name, referrer_fmt, field)
+        return self._open_child(path, fmt, policy)
 
 
 def open_image(path, format=None, readonly=True, policy=None, direct=False,

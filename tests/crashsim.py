@@ -22,8 +22,11 @@ anything.
         expect.verify(guest_bytes)          # raises AssertionError
 """
 
+import json
 import os
+import subprocess
 
+from nbdplug import check_image
 from nbdplug.hostfile import HostFile
 
 SECTOR = 512
@@ -290,3 +293,14 @@ def write_state(files, directory):
     for name, data in files.items():
         with open(os.path.join(directory, name), "wb") as f:
             f.write(data)
+
+
+def assert_checks_clean(path, fmt, label=None):
+    """A crash image checks without corruption (leaks allowed) in
+    nbdplug check and in qemu-img check."""
+    report = check_image(path, fmt)
+    assert report.corruptions == 0, (label, report.messages[:5])
+    theirs = subprocess.run(["qemu-img", "check", "--output=json", "-f",
+                             fmt, path], capture_output=True, text=True)
+    assert theirs.returncode in (0, 3), (label, theirs.stdout, theirs.stderr)
+    assert json.loads(theirs.stdout).get("corruptions", 0) == 0, label

@@ -16,10 +16,12 @@ it comes from the person running us, never from inside an image.
 
 import errno
 import socket
+import threading
+import time
 import urllib.parse
 
 from nbdplug.disk import (DATA, EXTENT_HOLE, EXTENT_ZERO, ZERO, Disk, MiB,
-                          Run)
+                          Run, check_request)
 from nbdplug.errors import CorruptImage, ImageError, ReadOnlyDisk, UsageError
 
 SCHEMES = ("nbd://", "nbds://", "nbd+unix://", "nbds+unix://")
@@ -98,6 +100,14 @@ class NbdDisk(Disk):
             start = pos - offset
             view[start:start + n] = self._call("read", pos, self._h.pread,
                                                n, pos)
+
+    def read(self, count, offset):
+        # One request: libnbd's bytes as they are, without another copy.
+        if count > self.max_block:
+            return super().read(count, offset)
+        check_request(self, count, offset)
+        return memoryview(self._call("read", offset, self._h.pread, count,
+                                     offset))
 
     def pwrite(self, buf, offset, fua=False):
         self.check_writable()
@@ -205,6 +215,113 @@ class NbdDisk(Disk):
                              f"{_reason(e)}")
             err.errno = getattr(errno, e.errno or "", None) or errno.EIO
             raise err from None
+
+
+class Reconnecting(Disk):
+    """An export read through a connection that comes back (a moving
+    disk's source): a failed command drops the connection and tries
+    again with backoff for up to `patience` seconds (None: until `stop`
+    is set), then fails that request alone with EIO.  It connects on
+    first use, so a disk whose source is away still opens.  `fetched`
+    counts the bytes read; `reachable` says how the last try went."""
+
+    format_name = "raw"
+    FIRST_DELAY = 0.05
+    MAX_DELAY = 2.0
+
+    def __init__(self, uri, size, patience=None, stop=None):
+        super().__init__(uri, size, True)
+        self.patience = patience
+        self.stop = stop or threading.Event()
+        self.fetched = 0
+        self.on_read = None     # called after each read (counts it)
+        self.reachable = None
+        self.down_since = None
+        self.error = None
+        self._disk = None
+        self._lock = threading.Lock()
+
+    def _connected(self):
+        with self._lock:
+            if self._disk is None:
+                disk = NbdDisk.open(self.path, None, True)
+                if disk.size != self.size:
+                    disk.close()
+                    raise _SizeChanged(self.path, "nbd", f"the export is "
+                                       f"{disk.size} bytes, not "
+                                       f"{self.size}: not this disk's "
+                                       "source")
+                self._disk = disk
+            return self._disk
+
+    def _drop(self, disk):
+        with self._lock:
+            if self._disk is disk and disk is not None:
+                self._disk = None
+                disk.close()
+
+    def _retry(self, what):
+        deadline = None if self.patience is None else \
+            time.monotonic() + self.patience
+        delay = self.FIRST_DELAY
+        while True:
+            disk = None
+            try:
+                disk = self._connected()
+                result = what(disk)
+                self.reachable, self.down_since = True, None
+                return result
+            except _SizeChanged:
+                raise
+            except Exception as e:
+                # Another thread may have dropped this connection under
+                # us (its handle closed): that too is a try to repeat.
+                if not isinstance(e, ImageError) and disk is self._disk:
+                    raise
+                self._drop(disk)
+                self.reachable, self.error = False, str(e)
+                self.down_since = self.down_since or time.time()
+                left = None if deadline is None else \
+                    deadline - time.monotonic()
+                if self.stop.is_set() or (left is not None and left <= 0):
+                    err = ImageError(self.path, "nbd", "source unreachable: "
+                                     f"{getattr(e, 'reason', e)}")
+                    err.errno = errno.EIO
+                    raise err from None
+                self.stop.wait(delay if left is None else min(delay, left))
+                delay = min(delay * 2, self.MAX_DELAY)
+
+    def pread(self, buf, offset):
+        self._retry(lambda disk: disk.pread(buf, offset))
+        self._count(len(buf))
+
+    def read(self, count, offset):
+        data = self._retry(lambda disk: disk.read(count, offset))
+        self._count(count)
+        return data
+
+    def _count(self, n):
+        with self._lock:
+            self.fetched += n
+        if self.on_read is not None:
+            self.on_read()
+
+    def map(self, count, offset):
+        return self._retry(lambda disk: disk.map(count, offset))
+
+    def files(self):
+        return []
+
+    def info(self):
+        return {"protocol": "nbd"}
+
+    def close(self):
+        self.stop.set()
+        self._drop(self._disk)
+
+
+class _SizeChanged(ImageError):
+    """The export at a source's URI is not the source any more."""
 
 
 def _connect(h, uri, options):

@@ -101,7 +101,7 @@ def _ram(directory):
         for offset, chunk in data:
             f.seek(offset)
             f.write(chunk)
-    name = "conformance-" + os.path.basename(directory)
+    name = ram_name(directory)
     create_image(f"ram:{name}", "ram", SIZE)
     with open_image(f"ram:{name}", "ram", readonly=False) as disk:
         for offset, chunk in data:
@@ -137,7 +137,7 @@ def copy_image(image, directory, into):
     `into`; returns its name.  A RAM disk is copied to a new one."""
     if image.startswith("ram:"):
         from nbdplug import create_image, open_image
-        name = "conformance-" + os.path.basename(into)
+        name = ram_name(into)
         create_image(f"ram:{name}", "ram", SIZE)
         with open_image(image, "ram") as src, \
                 open_image(f"ram:{name}", "ram", readonly=False) as dst:
@@ -150,6 +150,13 @@ def copy_image(image, directory, into):
         _run(["cp", "-p", "--sparse=always", os.path.join(directory, entry),
               into])
     return os.path.join(into, os.path.basename(image))
+
+
+def ram_name(directory):
+    """A RAM disk name for a test directory: /dev/shm/nbdplug is the
+    machine's, and other test runs (pytest's directory names are only
+    unique within a run) may be using it at the same time."""
+    return f"conformance-{os.getpid()}-{os.path.basename(directory)}"
 
 
 def remove_ram(image):

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from conformance.formats import ROWS, WRITABLE, MiB, remove_ram
+from conformance.formats import ROWS, WRITABLE, MiB, ram_name, remove_ram
 from conftest import (nbdplug, qemu_img_check_clean, qemu_img_compare,
                       qemu_img_info, run)
 from nbdplug.options import parse_size
@@ -17,7 +17,7 @@ TARGETS = [r.fmt for r in WRITABLE]
 
 def _target(tmp_path, fmt):
     if fmt == "ram":
-        return f"ram:conformance-{tmp_path.name}"
+        return f"ram:{ram_name(tmp_path)}"
     return str(tmp_path / f"out.{fmt}")
 
 

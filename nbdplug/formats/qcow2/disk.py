@@ -21,9 +21,10 @@ from nbdplug.disk import (BACKING, COMPRESSED, DATA, ZERO, Disk, HostRange,
                           Run, add_host_range)
 from nbdplug.errors import CorruptImage, UsageError
 from nbdplug.layout import be64_bytes
-from . import bitmaps, structs as S
+from . import bitmaps, migration, structs as S
 from .check import check
 from .compress import compress, decompress
+from .fill import Move
 from .header import read_header
 from .mapping import Mapping
 from .refcount import Refcounts
@@ -80,6 +81,8 @@ class Qcow2Disk(Disk):
         self.last_compressed = (None, None)
         self.compress = False           # write whole clusters compressed
         self.compress_tail = None       # next free byte for compressed data
+        self.move = None                # a move from the source (fill.py)
+        self.moving = None              # its recorded state, for info
 
     @classmethod
     def open(cls, path, readonly, ctx):
@@ -109,7 +112,16 @@ class Qcow2Disk(Disk):
                 snap = find(snapshots, key, path)
             disk = cls(file, geo, readonly, path, snapshots, snap)
             disk.compress = bool(ctx.options.get("compress"))
-            if geo.backing_name:
+            record = migration.verified(geo)
+            if record is not None:
+                disk.moving = migration.STATES[record.state]
+                disk.backing = ctx.open_source(
+                    path, FMT, geo.backing_name, geo.backing_format,
+                    geo.size, "backing file")
+                if not readonly:
+                    disk.move = Move(disk, record,
+                                     ctx.options.get("fill", True))
+            elif geo.backing_name:
                 disk.backing = ctx.open_backing(
                     path, FMT, geo.backing_name, geo.backing_format,
                     "backing file")
@@ -201,6 +213,8 @@ class Qcow2Disk(Disk):
             rel = offset & self.cluster_mask
             if host and rel + len(buf) <= self.cluster_size:
                 return self.file.pread(buf, host + rel)
+        if self.move is not None:
+            self.move.before_read(offset, len(buf))
         with self.lock:
             runs = self._runs(offset, len(buf))
             token = self._io_start()
@@ -261,6 +275,8 @@ class Qcow2Disk(Disk):
 
     def pwrite(self, buf, offset, fua=False):
         self.check_writable()
+        if self.move is not None:
+            self.move.kick()
         data = memoryview(buf)
         try:
             with self.lock:
@@ -787,9 +803,13 @@ class Qcow2Disk(Disk):
                               for b in found]
         if self.snapshot is not None:
             out["snapshot"] = self.snapshot.id
+        if self.moving is not None and self.backing_name is not None:
+            out["migration"] = self.moving
         return out
 
     def close(self):
+        if self.move is not None:
+            self.move.close()
         if self.file.fd >= 0:
             if not self.readonly:
                 self.flush()

@@ -36,6 +36,8 @@ class Geometry:
     feature_names: dict
     extensions_end: int         # first byte after the extension area
     bitmaps: tuple              # (count, directory size, offset) or None
+    migration: bytes = None     # our migration record, unverified
+    migration_at: int = None    # where its data lies in the file
 
     @property
     def cluster_size(self):
@@ -175,7 +177,8 @@ def read_header(file, path):
         header_length=header_length, compression_type=compression,
         backing_name=backing_name, backing_format=exts["backing_format"],
         data_file_name=exts["data_file"], feature_names=feature_names,
-        extensions_end=exts["end"], bitmaps=exts["bitmaps"])
+        extensions_end=exts["end"], bitmaps=exts["bitmaps"],
+        migration=exts["migration"], migration_at=exts["migration_at"])
 
     _check_table(path, "L1 table", "l1_table_offset", geo.l1_table_offset,
                  geo.l1_size * 8, S.MAX_L1_BYTES, cluster_size, file_size)
@@ -220,7 +223,8 @@ def _check_table(path, name, field, offset, length, limit, cluster_size,
 def _read_extensions(first, start, path):
     """Walk the header extensions in the first cluster, bounded by it."""
     out = {"backing_format": None, "data_file": None, "feature_names": {},
-           "bitmaps": None, "end": start}
+           "bitmaps": None, "migration": None, "migration_at": None,
+           "end": start}
     pos = start
     seen = set()
     while True:
@@ -242,7 +246,8 @@ def _read_extensions(first, start, path):
         if ext.type in seen and ext.type in (S.EXT_BACKING_FORMAT,
                                              S.EXT_DATA_FILE,
                                              S.EXT_FEATURE_NAMES,
-                                             S.EXT_BITMAPS):
+                                             S.EXT_BITMAPS,
+                                             S.EXT_NBDPLUG_MIGRATION):
             raise CorruptImage(path, FMT, f"header extension {ext.type:#x} "
                                "appears twice", "header extension")
         seen.add(ext.type)
@@ -252,6 +257,8 @@ def _read_extensions(first, start, path):
             out["data_file"] = _string(data, path, "data file name")
         elif ext.type == S.EXT_BITMAPS:
             out["bitmaps"] = bitmaps.parse_extension(data, path)
+        elif ext.type == S.EXT_NBDPLUG_MIGRATION:
+            out["migration"], out["migration_at"] = data, pos
         elif ext.type == S.EXT_FEATURE_NAMES:
             for i in range(0, len(data) - S.FEATURE_NAME.size + 1,
                            S.FEATURE_NAME.size):

@@ -14,9 +14,12 @@ from . import structs as S
 from .header import read_header
 
 
-def rewrite_backing(file, path, name, fmt, before_write=None):
+def rewrite_backing(file, path, name, fmt, before_write=None,
+                    extensions=None):
     """Record backing file `name` (None: no backing file) of format `fmt`
-    (None: not recorded) in the header of the qcow2 image in `file`.
+    (None: not recorded) in the header of the qcow2 image in `file`;
+    `extensions` ({type: data, or None to drop it}) changes others in
+    the same write.
 
     `before_write` (safe rebase's data copy) runs once the new header is
     known to fit, so a refusal leaves the image untouched; the header is
@@ -27,23 +30,26 @@ def rewrite_backing(file, path, name, fmt, before_write=None):
         raise UsageError(f"{path}: backing file name is too long "
                          f"({len(encoded)} bytes; qcow2 allows "
                          f"{S.MAX_BACKING_NAME})")
-    _new_first_cluster(file, path, encoded, fmt)
+    changes = {S.EXT_BACKING_FORMAT: fmt.encode() if encoded and fmt
+               else None}
+    changes.update(extensions or {})
+    _new_first_cluster(file, path, encoded, changes)
     if before_write is not None:
         before_write()
-    file.pwrite(_new_first_cluster(file, path, encoded, fmt), 0)
+    file.pwrite(_new_first_cluster(file, path, encoded, changes), 0)
     file.flush()
 
 
-def _new_first_cluster(file, path, encoded, fmt):
+def _new_first_cluster(file, path, encoded, changes):
     geo = read_header(file, path)       # validates what we keep
     cs = geo.cluster_size
     first = bytes(file.read(cs, 0))
     header = first[:geo.header_length]
-    # Every extension but the backing format is kept as it is.
+    # Every extension but those changed is kept as it is.
     kept = [(kind, data) for kind, data in _extensions(first, geo)
-            if kind != S.EXT_BACKING_FORMAT]
-    if encoded and fmt:
-        kept.insert(0, (S.EXT_BACKING_FORMAT, fmt.encode()))
+            if kind not in changes]
+    kept[:0] = [(kind, data) for kind, data in changes.items()
+                if data is not None]
     cluster = _first_cluster(header, kept, encoded, cs)
     if cluster is None:
         # The feature name table is only a courtesy to readers: give it

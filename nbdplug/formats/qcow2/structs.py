@@ -38,6 +38,12 @@ EXT_FEATURE_NAMES = 0x6803F857
 EXT_BITMAPS = 0x23852875
 EXT_CRYPTO = 0x0537BE77
 EXT_DATA_FILE = 0x44415441
+# Ours (qemu keeps extensions it does not know): the record of a move in
+# progress that `nbdplug migrate start` wrote (formats/qcow2/migration.py).
+EXT_NBDPLUG_MIGRATION = 0x6E62706D          # "nbpm"
+
+MIGRATION_RECORD = Layout(">", "nbdplug migration record",
+                          "version:B state:B reserved:6s rate:Q mac:32s")
 
 # incompatible_features
 INCOMPAT_DIRTY = 1 << 0

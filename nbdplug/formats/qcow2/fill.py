@@ -1,0 +1,459 @@
+"""A moving disk: copy-on-read from the source and the background fill
+(`nbdplug migrate`; the record that allows it is in migration.py).
+
+While a qcow2 image's verified record says the move is on, a read of a
+cluster the image does not hold fetches the whole cluster from the source
+and stores it before answering, and a thread copies the clusters that the
+source's allocation map says hold data, in order, at the recorded rate.
+When every one is local, one write to the header's first sector drops
+the backing name and the disk has no tie to the source any more.
+
+Rules that keep it correct, whoever drives the disk:
+
+* A cluster is missing while its L2 entry is empty (it reads from the
+  source).  A guest write, zero or trim makes the entry non-empty (with a
+  backing file, version 3 records a discard as a zero cluster), and a
+  missing cluster is stored only after checking, under the lock and with
+  the cluster claimed as writes claim it (busy), that it is still
+  missing: what was fetched before a newer guest write is dropped.
+* A guest write to part of a missing cluster is the driver's ordinary
+  allocating write, which reads the rest of the cluster from the source.
+* Stores are the driver's allocating writes (data, flush, then the L2
+  entry), so a crash never leaves a cluster allocated with partial data,
+  and a resumed fill fetches only what is still missing.  A fetched
+  cluster of zeros becomes a zero cluster, with no data.
+* Ranges the source maps as holes or zeros are never fetched by the fill.
+* Each cluster is fetched by one thread at a time (`fetching`); another
+  that needs it waits for that fetch.
+"""
+
+import json
+import os
+import threading
+import time
+
+from nbdplug.errors import ImageError
+from nbdplug.formats import nbd
+from . import migration, structs as S
+
+FILL_REQUEST = 4 << 20          # bytes the fill fetches in one request
+FILL_WORKERS = 2                # each with its own connection
+FILL_PATIENCE = 2.0             # seconds a fill request waits, then pauses
+MAX_PAUSE = 5.0                 # longest pause between tries
+STATUS_INTERVAL = 0.5           # seconds between status updates (besides
+                                # one after each fill request)
+
+
+def status_path(image):
+    """Where the process filling `image` says how it goes (JSON)."""
+    return image + ".migration"
+
+
+def read_status(image):
+    try:
+        with open(status_path(image)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+class Move:
+    """The move of `disk` (a Qcow2Disk opened writable) from its backing
+    file, under `record`; `fill` False leaves the fill to whoever calls
+    start() (or to nobody)."""
+
+    def __init__(self, disk, record, fill=True):
+        self.disk = disk
+        self.record = record
+        self.active = record.active
+        self.autostart = fill and self.active
+        self.fetching = {}      # guest cluster -> Event (disk.lock)
+        self.stop = threading.Event()
+        self.thread = None
+        self.pid = None
+        self.fill_sources = []
+        self.fill_lock = threading.Lock()
+        self.report_lock = threading.Lock()
+        self.plan = None        # [(first, last)] clusters the source holds
+        self.total = self.done = 0
+        self.state = "filling" if self.active else "cancelled"
+        self.paused_since = None
+        self.error = None
+        self.finished = threading.Event()
+        self.last_status = 0.0
+        self.rate_mark = (time.monotonic(), 0)
+        self.speed = 0.0
+        old = read_status(disk.path) or {}
+        self.source = disk.backing         # kept for its counts
+        self.source_name = disk.backing_name
+        self.fetched_before = old.get("fetched", 0) \
+            if old.get("source") == self.source_name else 0
+        # Every fetch is counted in the status at once, so a kill -9
+        # loses no count.
+        if isinstance(self.source, nbd.Reconnecting):
+            self.source.on_read = self._fetched
+
+    # --- the request path -------------------------------------------------
+
+    def kick(self):
+        """Start the fill on the first request (not at open: nbdkit forks
+        after opening, and threads do not survive a fork)."""
+        if self.autostart and (self.thread is None or
+                               self.pid != os.getpid()):
+            self.start()
+
+    def before_read(self, offset, length):
+        """Make the clusters of a read local, fetching those missing."""
+        self.kick()
+        if not self.active or self.disk.readonly:
+            return
+        cb = self.disk.cluster_bits
+        first, last = offset >> cb, (offset + length - 1) >> cb
+        claimed = self._claim(first, last - first + 1, wait=True)
+        try:
+            for c0, n in claimed:
+                self._copy(self.source, c0, n)
+        except ImageError:
+            # A move that completed meanwhile closed the source: what is
+            # still missing then is what the source holds as zeros.
+            if self.active:
+                raise
+        finally:
+            self._release(claimed)
+
+    def _claim(self, first, n, wait):
+        """Runs (c0, count) of the missing clusters in [first, first+n),
+        now ours to fetch.  With `wait`, clusters another thread is
+        fetching are waited for; without, they are skipped."""
+        d = self.disk
+        while True:
+            with d.lock:
+                missing = [c for c in range(first, first + n)
+                           if c not in self.fetching and
+                           d.map_.entry(c) == (0, 0)]
+                busy = [self.fetching[c] for c in range(first, first + n)
+                        if c in self.fetching]
+                if not wait or not busy:
+                    event = threading.Event()
+                    for c in missing:
+                        self.fetching[c] = event
+                    return _runs(missing)
+            for event in busy:
+                event.wait()
+
+    def _release(self, claimed):
+        with self.disk.lock:
+            for c0, n in claimed:
+                for c in range(c0, c0 + n):
+                    self.fetching.pop(c).set()
+
+    def _copy(self, source, c0, n):
+        """Fetch clusters [c0, c0 + n) from `source` and store them."""
+        d = self.disk
+        cs = d.cluster_size
+        length = min(n * cs, d.size - c0 * cs)
+        buf = source.read(length, c0 * cs)
+        if length < n * cs:                 # the disk ends inside it
+            buf = bytes(buf) + bytes(n * cs - length)
+        self.store(c0, buf)
+
+    def store(self, c0, buf):
+        """Store whole clusters from c0 on, each only if still missing
+        (a guest write since the fetch is newer: it wins)."""
+        d = self.disk
+        cs = d.cluster_size
+        n = len(buf) // cs
+        view = memoryview(buf)
+        zero = bytes(cs)
+        with d.lock:
+            if d.readonly:
+                return
+            d._prepare()
+            while any(c in d.busy for c in range(c0, c0 + n)):
+                d.cond.wait()
+            items = []
+            for i in range(n):
+                c = c0 + i
+                if d.map_.entry(c) != (0, 0):
+                    continue
+                piece = view[i * cs:(i + 1) * cs]
+                # (Its first bytes settle most clusters without a full
+                # compare, which would hold the GIL.)
+                if piece[:16] == zero[:16] and piece == zero:
+                    d._ensure_l2(c)
+                    d.map_.set_entry(c, S.QCOW_OFLAG_ZERO)
+                else:
+                    items.append((c, 0, piece))
+            claimed = [c for c, _, _ in items]
+            d.busy.update(claimed)
+            token = d._io_start()
+        try:
+            if items:
+                d._allocating_write(items)
+        finally:
+            with d.lock:
+                del d.inflight[token]
+                d.busy.difference_update(claimed)
+                d.cond.notify_all()
+
+    # --- the fill -----------------------------------------------------------
+
+    def start(self, background=True):
+        """Run the fill in a thread; `background`: beside requests, at a
+        lower priority so it gives way to them."""
+        self.background = background
+        self.started = time.monotonic()
+        self.pid = os.getpid()
+        self.stop.clear()
+        self.thread = threading.Thread(target=self._run, daemon=True,
+                                       name="nbdplug-fill")
+        self.thread.start()
+
+    def wait(self, timeout=None):
+        """True once the move is complete."""
+        return self.finished.wait(timeout)
+
+    def _run(self):
+        d = self.disk
+        if isinstance(d.backing, nbd.Reconnecting):
+            # Connections of their own, so a request's fetch never
+            # queues behind a fill request, and the workers' fetches
+            # overlap each other's stores.
+            self.fill_sources = [nbd.Reconnecting(
+                d.backing.path, d.size, FILL_PATIENCE, self.stop)
+                for _ in range(FILL_WORKERS)]
+            for source in self.fill_sources:
+                source.on_read = self._fetched
+        else:
+            self.fill_sources = [d.backing] * FILL_WORKERS
+        self.pause = 0.1
+        while not self.stop.is_set():
+            if d.readonly:              # stopped writing: corrupt metadata
+                self.state, self.error = "stopped", d.stopped
+                break
+            try:
+                if self.plan is None:
+                    self.plan = _plan(self.fill_sources[0].map(d.size, 0),
+                                      d.cluster_bits)
+                    self.total = sum(min(last + 1 << d.cluster_bits, d.size)
+                                     - (first << d.cluster_bits)
+                                     for first, last in self.plan)
+                    self._report(force=True)
+                self._fill()
+                if self.stop.is_set() or self._finish():
+                    break
+                self.stop.wait(0.05)    # clusters another thread fetches
+            except ImageError as e:
+                # The source is away (or refused): pause, then go on.
+                self.state, self.error = "paused", str(e)
+                self.paused_since = self.paused_since or time.time()
+                self._report(force=True)
+                self.stop.wait(self.pause)
+                self.pause = min(self.pause * 2, MAX_PAUSE)
+            except Exception as e:      # a full disk, a bug: say so, stop
+                self.state, self.error = "stopped", str(e)
+                break
+        self._report(force=True)
+
+    def _batches(self):
+        """(first cluster, count) of each fill request, in map order."""
+        batch = max(1, FILL_REQUEST >> self.disk.cluster_bits)
+        for first, last in self.plan:
+            for c in range(first, last + 1, batch):
+                yield c, min(batch, last + 1 - c)
+
+    def _fill(self):
+        """One pass over the plan, fetching what is missing, with one
+        worker a fill source (this thread is the first)."""
+        batches = self._batches()
+        errors = []
+        self.passed = 0
+
+        def worker(source):
+            if self.background:
+                _lower_priority()
+            try:
+                while not self.stop.is_set() and not errors:
+                    with self.fill_lock:
+                        item = next(batches, None)
+                    if item is None:
+                        return
+                    self._fill_batch(source, *item)
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=worker, args=(source,),
+                                    name="nbdplug-fill")
+                   for source in self.fill_sources[1:]]
+        for t in threads:
+            t.start()
+        worker(self.fill_sources[0])
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+
+    def _fill_batch(self, source, c, n):
+        d = self.disk
+        cb = d.cluster_bits
+        claimed = self._claim(c, n, wait=False)
+        try:
+            for c0, k in claimed:
+                self._copy(source, c0, k)
+                self._throttle(k << cb)
+        finally:
+            self._release(claimed)
+        with self.fill_lock:
+            if self.state == "paused":
+                self.state, self.paused_since = "filling", None
+                self.error, self.pause = None, 0.1
+            self.passed += min(c + n << cb, d.size) - (c << cb)
+            self.done = max(self.done, self.passed)
+        self._report(force=bool(claimed))      # a local source's counts
+
+    def _throttle(self, nbytes):
+        with self.fill_lock:
+            start, sent = self.rate_mark
+            sent += nbytes
+            now = time.monotonic()
+            if now - start >= 1.0:
+                self.speed = sent / (now - start)
+                start, sent = now, 0
+            self.rate_mark = (start, sent)
+            rate = self.record.rate
+            ahead = sent / rate - (now - start) if rate else 0
+        if ahead > 0:
+            self.stop.wait(ahead)
+
+    def _finish(self):
+        """If every cluster the source holds is local, drop the source:
+        flush, then one header write without the backing name, then wait
+        for reads that may still be reading from it.  Returns whether the
+        move is complete."""
+        d = self.disk
+        for first, last in self.plan:
+            for c in range(first, last + 1, 4096):
+                with d.lock:
+                    if any(d.map_.entry(x) == (0, 0)
+                           for x in range(c, min(c + 4096, last + 1))):
+                        return False
+        d.flush()
+        with d.lock:
+            migration.finish(d.file)
+            source = d.backing
+            mark = d.seq
+        # Reads planned before the switch may still read from the source.
+        while True:
+            with d.lock:
+                oldest = next(iter(d.inflight), None)
+                if oldest is None or oldest > mark:
+                    d.backing = None
+                    d.backing_name = d.backing_format = None
+                    self.active = False
+                    break
+            time.sleep(0.001)
+        self.state = "done"
+        self.done = self.total
+        took = time.monotonic() - self.started
+        filled = sum(s.fetched for s in self.fill_sources
+                     if s is not self.source)
+        if filled and took > 0:
+            self.speed = filled / took
+        self._report(force=True)
+        if source is not None:
+            source.close()
+        self.finished.set()
+        return True
+
+    # --- status ---------------------------------------------------------------
+
+    def fetched(self):
+        n = self.fetched_before
+        for source in {id(s): s for s in [self.source] +
+                       self.fill_sources}.values():
+            n += getattr(source, "fetched", 0)
+        return n
+
+    def status(self):
+        source = (self.fill_sources or [self.source])[0]
+        eta = None
+        if self.speed and self.state == "filling":
+            eta = (self.total - self.done) / self.speed
+        return {"pid": os.getpid(), "state": self.state,
+                "source": self.source_name, "done": self.done,
+                "total": self.total, "rate": round(self.speed),
+                "limit": self.record.rate, "eta": eta,
+                "fetched": self.fetched(),
+                "source_reachable": getattr(source, "reachable", None),
+                "paused_since": self.paused_since, "error": self.error,
+                "updated": time.time()}
+
+    def _fetched(self):
+        if self.active and not self.disk.readonly:
+            self._report(force=True)
+
+    def _report(self, force=False):
+        now = time.monotonic()
+        if not force and now - self.last_status < STATUS_INTERVAL:
+            return
+        with self.report_lock:
+            self.last_status = now
+            path = status_path(self.disk.path)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            try:
+                with open(tmp, "w") as f:
+                    json.dump(self.status(), f)
+                os.replace(tmp, path)
+            except OSError:
+                pass            # the status is a courtesy, the fill is not
+
+    def close(self):
+        self.stop.set()
+        if self.thread is not None and self.pid == os.getpid() and \
+                self.thread is not threading.current_thread():
+            self.thread.join()
+        for source in self.fill_sources:
+            if source is not self.source:
+                source.close()
+        if self.thread is not None and self.state != "done":
+            if self.state == "filling":
+                self.state = "stopped"
+            self._report(force=True)
+
+
+def _lower_priority():
+    """This thread at nice 19 (a Linux thread has a priority of its own):
+    measured with `make bench`, a fill at full speed beside a guest's
+    4 KiB reads raised their latency several times at nice 0, and by
+    less than half at nice 19."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except OSError:
+        pass
+
+
+def _plan(runs, cluster_bits):
+    """[(first, last)] guest clusters holding data in the source's map
+    (its holes and zero ranges are left out), merged."""
+    out = []
+    for run in runs:
+        if not run.data or run.zero:
+            continue
+        first = run.offset >> cluster_bits
+        last = (run.offset + run.length - 1) >> cluster_bits
+        if out and first <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], last))
+        else:
+            out.append((first, last))
+    return out
+
+
+def _runs(clusters):
+    """Sorted cluster numbers as [(first, count)] runs."""
+    out = []
+    for c in clusters:
+        if out and out[-1][0] + out[-1][1] == c:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((c, 1))
+    return out

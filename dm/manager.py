@@ -71,6 +71,7 @@ class Manager:
         self.stats = collections.Counter()
         self.last_reload = None             # seconds a reload took
         self.last_error = None
+        self.overflow = False               # notes were dropped
         self._lock = threading.Lock()       # one round or command at a time
         self._stop = threading.Event()
         self._thread = None
@@ -156,7 +157,7 @@ class Manager:
     def _rounds(self):
         behind = False          # a round failed: try again without news
         while not self._stop.wait(INTERVAL):
-            if not self.log and not behind:
+            if not (self.log or self.overflow or behind):
                 continue
             try:
                 with self._lock:
@@ -172,7 +173,8 @@ class Manager:
         """Read again what requests touched; reload if the table changes
         (caller holds the lock)."""
         notes = self._drain()
-        if notes is None:
+        if self.overflow:
+            self.overflow = False
             self.layout = fast.Layout(self.disk)
         else:
             self.layout.update(self._dirty(notes))
@@ -189,9 +191,9 @@ class Manager:
                          self.readonly)
         self.device.suspend()
         try:
-            late = self._drain() or []
-            if any(frees and _meets(offset, count, fresh)
-                   for offset, count, frees in late):
+            late = self._drain()
+            if self.overflow or any(frees and _meets(offset, count, fresh)
+                                    for offset, count, frees in late):
                 self.device.clear()
                 self.stats["aborted"] += 1
                 want = self.loaded
@@ -208,10 +210,12 @@ class Manager:
         self.last_reload = time.monotonic() - began
 
     def _drain(self):
-        """The notes so far, or None if too many piled up to keep."""
+        """The notes so far; if too many piled up, none, and the next
+        round reads the whole mapping again (overflow)."""
         if len(self.log) > LOG_LIMIT:
             self.log.clear()
-            return None
+            self.overflow = True
+            return []
         out = []
         with contextlib.suppress(IndexError):
             for _ in range(len(self.log)):

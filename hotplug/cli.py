@@ -21,6 +21,7 @@ def _print_attached(record):
 
 def _say_why_not_fast(record):
     if record.get("fast_unavailable"):
+        sys.stdout.flush()      # the device first, for scripts (2>&1)
         print(f"nbdplug: fast path unavailable: "
               f"{record['fast_unavailable']}; attached via {record['via']}",
               file=sys.stderr)

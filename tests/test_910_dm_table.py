@@ -206,3 +206,24 @@ def test_manager_flushes_a_device_the_table_stops_using(managed,
     m.note(MiB, 7 * MiB)
     m.round()
     assert m.status()["targets"] == 1 and flushed == [1]
+
+
+def test_manager_reads_everything_again_after_too_many_notes(
+        managed, monkeypatch):
+    """Past LOG_LIMIT notes it keeps none and reads the whole mapping
+    again; a table being loaded when that happens never goes live."""
+    m, disk, dev, _ = managed
+    monkeypatch.setattr(manager, "LOG_LIMIT", 3)
+    disk.pwrite(b"\x22" * 65536, 2 * MiB)
+    m.note(2 * MiB, 65536)
+
+    def flood():
+        for _ in range(5):
+            m.note(0, 512)
+        dev.on_suspend = None
+    dev.on_suspend = flood
+    m.round()
+    assert dev.calls[-2:] == ["clear", "resume"]
+    assert m.where(2 * MiB) == "nbd" and m.overflow
+    m.round()
+    assert m.where(2 * MiB) == "direct" and not m.overflow

@@ -11,7 +11,10 @@ Every figure is measured in the same run as its peer, on this machine:
 - `nbdplug convert` against `qemu-img convert`;
 - tapbridge's shared-memory blkif ring against the same driver over NBD;
 - `nbdplug migrate`: the fill against nbdcopy of the same export, and
-  4 KiB read latency on local clusters during the fill against idle.
+  4 KiB read latency on local clusters during the fill against idle;
+- the fast device (dm over loop and NBD) against a loop device on the
+  raw twin and against the NBD-only attach, in one boot of the kernel
+  lane (fast_bench.py), with the promotion delay and table sizes.
 
 Medians of several rounds with [min-max], each with a ratio to its peer.
 Results go to bench/results/ (git ignores it): bench.json, bench.md and
@@ -36,11 +39,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
 import convert_bench  # noqa: E402
+import fast_bench  # noqa: E402
 import migrate_bench  # noqa: E402
 import nbd_bench  # noqa: E402
 import tapbridge_bench  # noqa: E402
 
-PARTS = ("nbd", "convert", "tapbridge", "migrate")
+PARTS = ("nbd", "convert", "tapbridge", "migrate", "fast")
 
 
 def ratios(results):
@@ -61,6 +65,9 @@ def ratios(results):
         # Latency: lower is better, so idle / during fill.
         out.append(("migrate 4K read latency during fill (vs idle)",
                     1 / m["latency"]["ratio"]))
+    for key, row in results.get("fast", {}).get("rows", {}).items():
+        out.append((f"fast device {key} (vs loop on raw)", row["vs loop"]))
+        out.append((f"fast device {key} (vs NBD only)", row["vs nbd"]))
     return out
 
 
@@ -110,6 +117,8 @@ def main():
             results["tapbridge"] = tapbridge_bench.run(workdir)
         if "migrate" in parts:
             results["migrate"] = migrate_bench.run(workdir)
+        if "fast" in parts:
+            results["fast"] = fast_bench.run(workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(),
@@ -128,6 +137,8 @@ def main():
         table += tapbridge_bench.markdown(results["tapbridge"])
     if "migrate" in results:
         table += migrate_bench.markdown(results["migrate"])
+    if "fast" in results:
+        table += fast_bench.markdown(results["fast"])
     with open(os.path.join(args.out, "bench.md"), "w") as f:
         f.write(table)
     chart(ratios(results), os.path.join(args.out, "bench.png"))

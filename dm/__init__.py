@@ -1,9 +1,11 @@
-"""dm: device-mapper tables for nbdplug images.
+"""dm: device-mapper for nbdplug images.
 
-dm will own device-mapper tables as data (linear, zero, error, snapshot
-targets), building a fast-path table from a driver's allocation map
-(Disk.host_mapping), so that allocated extents go straight to the image
-file with the kernel moving the data and only the rest passes through
-userspace, and loading such tables with `dmsetup`.  It imports nbdplug
-and nothing else of this repository.
+Tables as data (table.py) and reloading them in place (ioctl.py); the
+fast device's table (fast.py): what an image stores plainly goes
+straight to its file through a loop device, the rest through the
+image's NBD device and the driver; its live manager (manager.py), which
+runs in the server beside the request path and promotes what the driver
+allocates; and the nbdkit entry that runs it there (plugin.py).  It
+imports nbdplug (plugin.py also nbdplug's plugin) and nothing else of
+this repository.
 """

@@ -8,4 +8,5 @@ and mapped where the kernel does not, the attachment state under
 nbdplug and dm; pyudev and pyparted are used here and nowhere else.
 """
 
-VIA = ("nbd", "loop")       # kernel NBD, or nbdfuse + loop
+# dm over kernel NBD and loop devices, kernel NBD, or nbdfuse + loop
+VIA = ("fast", "nbd", "loop")

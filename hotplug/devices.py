@@ -45,7 +45,7 @@ def nbd_connected(dev):
     return os.path.exists(f"/sys/block/{sys_name(dev)}/pid")
 
 
-def nbd_connect(socket, readonly, taken):
+def nbd_connect(socket, readonly, taken, export=None):
     """Connect a free /dev/nbdN to the server on `socket`; its path.
 
     The caller holds the run-directory lock, so no other attach of ours
@@ -61,6 +61,8 @@ def nbd_connect(socket, readonly, taken):
         if dev in taken or nbd_connected(dev):
             continue
         argv = ["nbd-client", "-unix", socket, dev, "-b", "512"]
+        if export is not None:
+            argv += ["-N", export]
         if readonly:
             argv.append("-readonly")
         if not _first_netns():
@@ -211,10 +213,10 @@ def fuse_stop(mountdir, pid, started):
 
 # --- loop -----------------------------------------------------------------
 
-def loop_attach(path, readonly, offset=0, size=None):
+def loop_attach(path, readonly, offset=0, size=None, options=()):
     if not os.path.exists("/dev/loop-control"):
         subprocess.run(["modprobe", "loop"], capture_output=True)
-    argv = ["losetup", "--find", "--show"]
+    argv = ["losetup", "--find", "--show", *options]
     if readonly:
         argv.append("--read-only")
     if offset:

@@ -91,7 +91,7 @@ def map_partitions(record, save, watcher):
             # its rules on them after, announcing each: wait for that.
             watcher.wait_added([devices.sys_name(n) for n in
                                 kernel.values()], after=seqnum)
-    else:                   # we never ask the kernel to scan loops
+    elif record["via"] == "loop":   # we never ask the kernel to scan loops
         devices.drop_partitions(dev)
     use_dm = devices.dm_available()
     for p in parts:

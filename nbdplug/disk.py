@@ -16,6 +16,7 @@ Also here: FormatSpec, what a format declares once, and the one segment
 vocabulary (Run) that every driver's map yields and every consumer reads.
 """
 
+import bisect
 import dataclasses
 import typing
 
@@ -82,11 +83,68 @@ class Extent(typing.NamedTuple):
 
 
 class HostRange(typing.NamedTuple):
-    """Guest range stored plainly in this image's own file (dm/'s input)."""
+    """Guest range stored plainly in this image's own file (dm/'s input):
+    a write there may go straight to (path, host_offset) with no metadata
+    change.  path None: only the driver can serve the range."""
     offset: int
     length: int
-    path: typing.Optional[str]      # None: not plain here (use userspace)
+    path: typing.Optional[str]
     host_offset: typing.Optional[int]
+
+
+def add_host_range(ranges, r):
+    """Append `r` to `ranges`, merged with the last one where it continues
+    it (both driver-only, or the same file with host offsets contiguous)."""
+    if ranges:
+        last = ranges[-1]
+        if last.offset + last.length == r.offset and last.path == r.path \
+                and (r.path is None or
+                     last.host_offset + last.length == r.host_offset):
+            ranges[-1] = last._replace(length=last.length + r.length)
+            return
+    ranges.append(r)
+
+
+def host_ranges(runs):
+    """HostRanges for resolved `runs`: this layer's DATA with a host is
+    plain, the rest not."""
+    out = []
+    for run in runs:
+        plain = run.kind == DATA and run.depth == 0 and run.host is not None
+        add_host_range(out, HostRange(
+            run.offset, run.length, *(run.host if plain else (None, None))))
+    return out
+
+
+class Pins:
+    """Host ranges a loaded device-mapper table maps (dm/ sets them on the
+    Disk).  While a range is pinned the driver must not free, move or
+    share it: what it would free there waits in quarantine, and is freed
+    once a table that no longer maps it is live (Disk.unpinned).
+    Immutable: replaced whole, so readers need no lock."""
+
+    def __init__(self, ranges=()):
+        spans = {}
+        for path, start, length in sorted(ranges):
+            starts, ends = spans.setdefault(path, ([], []))
+            if ends and start <= ends[-1]:
+                ends[-1] = max(ends[-1], start + length)
+            else:
+                starts.append(start)
+                ends.append(start + length)
+        self._spans = spans
+
+    def __bool__(self):
+        return bool(self._spans)
+
+    def overlaps(self, path, offset, length):
+        """Does [offset, offset + length) of `path` meet a pinned range?"""
+        span = self._spans.get(path)
+        if span is None:
+            return False
+        starts, ends = span
+        i = bisect.bisect_left(ends, offset + 1)    # first end > offset
+        return i < len(starts) and starts[i] < offset + length
 
 
 def add_run(runs, run):
@@ -286,16 +344,39 @@ class Disk:
         return out
 
     def host_mapping(self, count, offset):
-        """Where guest bytes sit plainly in this image's own file."""
-        out = []
-        for run in self.map(count, offset):
-            if run.kind == DATA and run.depth == 0 and run.host is not None:
-                path, host_offset = run.host
-                out.append(HostRange(run.offset, run.length, path,
-                                     host_offset))
-            else:
-                out.append(HostRange(run.offset, run.length, None, None))
-        return out
+        """HostRanges covering [offset, offset + count) in order: where the
+        guest bytes sit plainly in this image's own files and may be
+        overwritten there without any metadata change (dm/ maps those
+        straight to the file), path None elsewhere.  The base rule is
+        this layer's DATA with a host; a format whose data is not
+        always writable in place says more (qcow2: never a shared
+        cluster)."""
+        return host_ranges(self.map(count, offset))
+
+    # --- writes that bypass the driver (dm/'s fast path) ---------------
+
+    pins = Pins()
+
+    def prepare_writes(self):
+        """Do now, durably, what the first write would do before its data
+        (qcow2 clears autoclear bits, VMDK takes a new CID and marks its
+        extents unclean): dm/ calls this before writes go straight to
+        the host file through a writable table."""
+
+    def set_pins(self, pins):
+        """Pin the host ranges `pins` (a Pins), replacing the last set;
+        frees that waited for the old ones may then go ahead."""
+        old, self.pins = self.pins, pins
+        if old:
+            self.unpinned()
+
+    def pinned(self, path, offset, length):
+        """Must a free of these host bytes wait (see Pins)?"""
+        return self.pins.overlaps(path, offset, length)
+
+    def unpinned(self):
+        """Pins were dropped: free what waited for them, where the
+        driver holds such frees itself (qcow2 frees at its next flush)."""
 
     # --- description --------------------------------------------------
 

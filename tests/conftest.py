@@ -30,6 +30,14 @@ def nbdplug(*args, check=True, **kw):
     return run(NBDPLUG + [str(a) for a in args], check=check, cwd=REPO, **kw)
 
 
+def qemu_io(image, fmt, *commands):
+    """Run qemu-io's commands (-c each) on `image`."""
+    argv = ["qemu-io", "-f", fmt]
+    for command in commands:
+        argv += ["-c", command]
+    return run(argv + [str(image)])
+
+
 def pattern(length, seed):
     """Bytes that say where they came from (offset-dependent)."""
     return bytes((seed + i // 512) % 251 + 1 for i in range(length))

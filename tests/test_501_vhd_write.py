@@ -303,3 +303,23 @@ def test_create_size_limits(tmp_path):
     nbdplug("create", "-f", "vpc", tmp_path / "c.vhd", "2040G")
     assert run(["qemu-img", "info", str(tmp_path / "c.vhd")]).stdout \
         .count(f"({2040 << 30} bytes)") == 1
+
+
+def test_fast_path_maps_only_claimed_sectors(tmp_path):
+    """A dynamic disk reads its blocks whole, as qemu does, but dm's fast
+    path maps only sectors the bitmap claims: a write that bypasses the
+    driver must leave nothing to record for readers that honour bitmaps
+    (Windows).  A trimmed grain keeps reading as zeros, as DATA."""
+    from nbdplug.disk import DATA
+    from nbdplug.formats.vhd.structs import GRAIN
+    image = str(tmp_path / "d.vhd")
+    run(["qemu-img", "create", "-q", "-f", "vpc", "-o",
+         "subformat=dynamic,force_size=on", image, "4M"])
+    with open_image(image, "vpc", readonly=False) as disk:
+        disk.pwrite(b"\x5a" * (2 * MiB), 0)
+        disk.trim(GRAIN, GRAIN)
+        plain = [(r.offset, r.length) for r in disk.host_mapping(2 * MiB, 0)
+                 if r.path is not None]
+        assert plain == [(0, GRAIN), (2 * GRAIN, 2 * MiB - 2 * GRAIN)]
+        assert [r.kind for r in disk.map(2 * MiB, 0)] == [DATA]
+        assert disk.read(GRAIN, GRAIN) == bytes(GRAIN)

@@ -76,7 +76,7 @@ def assert_kernel_partitions(disk, parts):
 def test_kernel_nbd_gpt_mount_write_umount(hp, gpt, files, tmp_path):
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    hp("mount", "-f", "raw", gpt, mnt)
+    hp("mount", "-f", "raw", "--via", "nbd", gpt, mnt)
     [entry] = hp.list()
     assert entry["via"] == "nbd" and entry["device"].startswith("/dev/nbd")
     assert_kernel_partitions(entry["device"], entry["partitions"])
@@ -182,7 +182,8 @@ def test_dm_linear_over_two_attached_devices(hp, tmp_path):
         path.write_bytes(bytes([0x30 + i]) * (size // 2) + os.urandom(
             size // 2))
         images.append(str(path))
-    devs = [hp.attach("-f", "raw", "--readonly", img)[0] for img in images]
+    devs = [hp.attach("-f", "raw", "--readonly", "--via", "nbd", img)[0]
+            for img in images]
     assert all(d.startswith("/dev/nbd") for d in devs)
     table = dmtable.concat([(d, os.path.getsize(i))
                             for d, i in zip(devs, images)])
@@ -214,7 +215,7 @@ def our_udev_rules():
 
 
 def test_udev_rules_keep_blkid_away(our_udev_rules, hp, gpt):
-    disk, parts = hp.attach("-f", "raw", gpt)
+    disk, parts = hp.attach("-f", "raw", "--via", "nbd", gpt)
     assert_kernel_partitions(disk, parts)
     # attach returned after udev had run its rules on each partition.
     props = run(["udevadm", "info", "--query=property", parts["p2"]]).stdout

@@ -3,16 +3,9 @@ and exit status on the same pairs of images, across formats."""
 
 import pytest
 
-from conftest import nbdplug, run, served
+from conftest import nbdplug, qemu_io, run, served
 
 MiB = 1 << 20
-
-
-def qemu_io(path, fmt, *cmds):
-    argv = ["qemu-io", "-f", fmt]
-    for c in cmds:
-        argv += ["-c", c]
-    run(argv + [str(path)])
 
 
 def make(tmp_path, name, fmt, size, *cmds):

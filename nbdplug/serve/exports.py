@@ -277,6 +277,10 @@ class ExportTable:
             return ""
         return next(iter(self.exports))
 
+    def opened(self, name=""):
+        """The Disk open for export `name` (after open_all)."""
+        return self._disks[name]
+
     def connect(self, name):
         """The Disk for a new connection to export `name`."""
         disk = self._disks.get(name)

@@ -160,5 +160,9 @@ def ram_name(directory):
 
 def remove_ram(image):
     if image.startswith("ram:"):
+        from nbdplug.errors import UsageError
         from nbdplug.formats.ram import remove
-        remove(image)
+        try:
+            remove(image)
+        except UsageError:
+            pass            # gone already (a cleaner on a shared machine)

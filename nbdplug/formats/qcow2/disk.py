@@ -17,7 +17,8 @@ import errno
 import struct
 import threading
 
-from nbdplug.disk import BACKING, COMPRESSED, DATA, ZERO, Disk, Run
+from nbdplug.disk import (BACKING, COMPRESSED, DATA, ZERO, Disk, HostRange,
+                          Run, add_host_range)
 from nbdplug.errors import CorruptImage, UsageError
 from nbdplug.layout import be64_bytes
 from . import bitmaps, migration, overlap, structs as S
@@ -698,8 +699,11 @@ class Qcow2Disk(Disk):
             keep = []
             for seq, c in batch:
                 # I/O that started before the free may still touch the
-                # cluster: keep it counted until that I/O is done.
-                if oldest is not None and oldest <= seq:
+                # cluster, and a loaded dm table may map it (quarantine):
+                # keep it counted until neither holds.
+                if oldest is not None and oldest <= seq or \
+                        self.pinned(self.path, c << self.cluster_bits,
+                                    self.cluster_size):
                     keep.append((seq, c))
                     continue
                 self.refs.add(c, -1)
@@ -755,6 +759,69 @@ class Qcow2Disk(Disk):
             else:
                 out.extend(self.map_backing(n, goff))
         return out
+
+    def host_mapping(self, count, offset):
+        """Clusters written in place without a metadata change: plain
+        data whose L1 and L2 entries are COPIED (this image alone owns
+        the table and the cluster; never one a snapshot shares) and,
+        when writable, whose refcount is one; with extended L2 entries
+        only the allocated subclusters."""
+        cb = self.cluster_bits
+        out, end = [], offset + count
+        with self.lock:
+            pos = offset
+            while pos < end:
+                c = pos >> cb
+                stop = min(end, (c + 1) << cb)
+                host = self._owned_alone(c)
+                for a, b in self._allocated_granules(c, pos, stop) \
+                        if host is not None else ():
+                    if pos < a:
+                        add_host_range(out, HostRange(pos, a - pos, None,
+                                                      None))
+                    add_host_range(out, HostRange(
+                        a, b - a, self.path, host + (a & self.cluster_mask)))
+                    pos = b
+                if pos < stop:
+                    add_host_range(out, HostRange(pos, stop - pos, None,
+                                                  None))
+                pos = stop
+        return out
+
+    def _owned_alone(self, cluster):
+        """Host offset of `cluster` if it is uncompressed data only this
+        image's active table references, else None (lock held)."""
+        m = self.map_
+        if m.l2_shared(cluster >> m.l2_bits):
+            return None
+        entry, _ = m.entry(cluster)
+        host = entry & S.L2E_OFFSET_MASK
+        if not host or not entry & S.QCOW_OFLAG_COPIED or \
+                entry & (S.QCOW_OFLAG_COMPRESSED | S.QCOW_OFLAG_ZERO):
+            return None
+        if self.refs is not None and \
+                self.refs.get(host >> self.cluster_bits) != 1:
+            return None     # COPIED, yet shared: trust the count
+        return host
+
+    def _allocated_granules(self, cluster, start, stop):
+        """[a, b) runs of [start, stop) inside `cluster` that hold its
+        data: all of it with standard L2 entries, the allocated
+        subclusters with extended ones."""
+        if not self.extended:
+            return [(start, stop)]
+        _, bitmap = self.map_.entry(cluster)
+        g, base = self.granule, cluster << self.cluster_bits
+        out = []
+        for sc0, sc1 in _bit_ranges(bitmap & 0xFFFFFFFF):
+            a, b = max(start, base + sc0 * g), min(stop, base + sc1 * g)
+            if a < b:
+                out.append((a, b))
+        return out
+
+    def prepare_writes(self):
+        with self.lock:
+            self._prepare()
 
     # --- description ----------------------------------------------------------
 

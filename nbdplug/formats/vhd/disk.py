@@ -5,7 +5,8 @@ import uuid
 
 from nbdplug.report import CheckReport
 from nbdplug.cache import Cache
-from nbdplug.disk import BACKING, DATA, ZERO, Disk, Run, add_run
+from nbdplug.disk import (BACKING, DATA, ZERO, Disk, Run, add_run,
+                          host_ranges)
 from nbdplug.errors import CorruptImage, ImageError
 from .bitmaps import bits_of, raw_bitmap, span_bits
 from .header import block_problems, locator_name, read_bat, validate
@@ -31,6 +32,7 @@ class VhdDisk(Disk):
         self._grain = min(GRAIN, geom.block_size) if geom.block_size \
             else SECTOR
         self._lock = threading.RLock()
+        self._quarantine = {}       # emptied block -> entry, still pinned
         self._bitmaps = Cache(BITMAP_CACHE)     # block -> sector bits
         self._full = span_bits(0, 8 * geom.bitmap_size)
         # Whether reads honour the sector bitmaps: a differencing disk's
@@ -124,9 +126,11 @@ class VhdDisk(Disk):
         return min(spb, (self.size - block * self.geom.block_size)
                    // SECTOR)
 
-    def _runs(self, offset, length):
+    def _runs(self, offset, length, bitmaps=None):
         """This layer's runs (DATA, and BACKING or, without a parent,
-        ZERO) covering the range in order."""
+        ZERO) covering the range in order; `bitmaps`: whether sector
+        bitmaps decide (by default only a differencing disk's do)."""
+        bitmaps = self._sparse_blocks if bitmaps is None else bitmaps
         if self.geom.disk_type == FIXED:
             # (A reader takes a file shorter than the disk: the rest
             # reads as zeros, as in qemu.)
@@ -149,8 +153,7 @@ class VhdDisk(Disk):
                     offset += n
                     continue
                 data = entry * SECTOR + bitmap_size
-                bits = self._bitmap(block, entry) if self._sparse_blocks \
-                    else self._full
+                bits = self._bitmap(block, entry) if bitmaps else self._full
                 first = within // SECTOR
                 last = -(-(within + n) // SECTOR)
                 for s, e, present in bit_runs(bits, first, last):
@@ -182,6 +185,12 @@ class VhdDisk(Disk):
 
     def map(self, count, offset):
         return self.resolve(self._runs(offset, count))
+
+    def host_mapping(self, count, offset):
+        # Only sectors the bitmap already claims: a write that bypasses
+        # us there must leave nothing to record for readers that honour
+        # bitmaps (Windows), though we and qemu read dynamic blocks whole.
+        return host_ranges(self.resolve(self._runs(offset, count, True)))
 
     def pwrite(self, buf, offset, fua=False):
         self.check_writable()
@@ -333,8 +342,12 @@ class VhdDisk(Disk):
             return
         bits = self._bitmap(block, entry) & ~span_bits(first, last)
         if not bits & span_bits(0, self._sectors_in(block)):
-            self._release(block, entry)
-            return
+            if not self.pinned(self.path, entry * SECTOR,
+                               self.geom.bitmap_size + self.geom.block_size):
+                self._release(block, entry)
+                return
+            # A dm table maps the block: keep it, empty, until unpinned.
+            self._quarantine[block] = entry
         # Bits first, so our reads fall through at once; then the bytes,
         # so readers that ignore bitmaps (qemu, Windows) read zeros too.
         self._store_bitmap(block, entry, bits)
@@ -353,6 +366,21 @@ class VhdDisk(Disk):
             self._shrink()
         else:
             self._punch(start, end - start)
+
+    def unpinned(self):
+        """Release the emptied blocks that waited for their pins to go,
+        if they are still empty."""
+        span = self.geom.bitmap_size + self.geom.block_size
+        with self._lock:
+            waiting, self._quarantine = self._quarantine, {}
+            for block, entry in waiting.items():
+                if self.bat[block] != entry or self._bitmap(block, entry) \
+                        & span_bits(0, self._sectors_in(block)):
+                    continue            # written again meanwhile
+                if self.pinned(self.path, entry * SECTOR, span):
+                    self._quarantine[block] = entry
+                else:
+                    self._release(block, entry)
 
     def _shrink(self):
         """Move the footer back to the end of what is in use and truncate

@@ -26,7 +26,7 @@ import threading
 import uuid
 
 from nbdplug.cache import Cache
-from nbdplug.disk import BACKING, DATA, ZERO, Disk, Run, add_run
+from nbdplug.disk import BACKING, DATA, ZERO, Disk, HostRange, Run, add_run
 from nbdplug.errors import CorruptImage, UnsupportedFeature
 from nbdplug.layout import Layout
 from ..differencing import bit_runs, open_parent, windows_path
@@ -515,6 +515,12 @@ class VhdxDisk(Disk):
 
     def map(self, count, offset):
         return self.resolve(self._runs(offset, count))
+
+    def host_mapping(self, count, offset):
+        """None where a log replayed in memory holds the newer bytes."""
+        if self.src is not self.file:
+            return [HostRange(offset, count, None, None)]
+        return super().host_mapping(count, offset)
 
     def pwrite(self, buf, offset, fua=False):
         self.check_writable()

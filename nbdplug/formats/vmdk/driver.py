@@ -273,6 +273,18 @@ class VmdkDisk(Disk):
                 pos += length
         return runs
 
+    def host_mapping(self, count, offset):
+        """Allocated grains of sparse extents and flat extents, where this
+        disk may write them: never an extent it opened read-only."""
+        ranges = super().host_mapping(count, offset)
+        writable = {e.path for e in self.parts if e.file is not None and
+                    e.access == "RW"}
+        if self.readonly or all(r.path in writable for r in ranges
+                                if r.path):
+            return ranges
+        return [r if r.path in writable else
+                r._replace(path=None, host_offset=None) for r in ranges]
+
     # --- writing ------------------------------------------------------------
 
     def _writable(self, count, offset):
@@ -286,6 +298,10 @@ class VmdkDisk(Disk):
         if not self._writing:
             self._begin_writing()
         return pieces
+
+    def prepare_writes(self):
+        if not self.readonly:
+            self._begin_writing()
 
     def _begin_writing(self):
         """Before the first write: a new CID, and uncleanShutdown set in

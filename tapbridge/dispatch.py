@@ -290,6 +290,10 @@ class Dispatcher:
                 raise Rejected(BLKIF_RSP_ERROR,
                                f"segment sectors {first}..{last}")
             length += (last - first + 1) * SECTOR_SIZE
+        if not length:
+            # A pure flush names no sectors (Linux blkfront sends sector
+            # 2**64 - 1): nothing to check, as blkback's xen_vbd_translate.
+            return Request(req_id, operation, 0, 0, segments)
         offset = self._range(sector, length)
         return Request(req_id, operation, offset, length, segments)
 

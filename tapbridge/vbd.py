@@ -7,12 +7,17 @@ devices xl gives to the block-tapbridge hotplug script.
 - A new device is probed at once: the features known before opening the
   image are written and the state goes to InitWait, which libxl waits for
   before it runs the hotplug script.
-- When the hotplug script said hotplug-status=connected (having written
-  the image's physical-device-path and tapbridge-format) and the frontend
+- The hotplug script resolves xl's target into physical-device-path and
+  tapbridge-format; we open the image then (as blkback opens its block
+  device when physical-device appears) and answer in tapbridge-status,
+  "opened" or "error" with tapbridge-error, which the script waits for:
+  so a bad image fails `xl create` with its reason, and no Python starts
+  per disk.  The image stays open until the device goes.
+- When the hotplug script said hotplug-status=connected and the frontend
   is Initialised (or already Connected), we read its ring-ref(s),
-  event-channel and protocol, open the image, map the ring, write
-  sectors, info and the features in one transaction with state
-  Connected, and serve the ring on a Dispatcher thread.
+  event-channel and protocol, map the ring, write sectors, info and the
+  features in one transaction with state Connected, and serve the ring
+  on a Dispatcher thread.
 - Frontend Closing -> Closing; frontend Closed -> disconnect, Closed,
   and forget the device if online is 0 (the toolstack is removing it);
   a frontend that returns to Initialising after Closed (a guest reboot)
@@ -31,7 +36,7 @@ import threading
 
 import pyxs
 
-from nbdplug.errors import ImageError
+from nbdplug.errors import ImageError, UsageError
 from nbdplug.opener import open_image
 
 from . import abi
@@ -130,7 +135,10 @@ class Device:
         self.state = None           # what we last wrote to state
         self.frontend = None        # the frontend directory we watch
         self.retired = False        # closed for good; wait for rm
-        self.serving = None         # (dispatcher, thread, transport, disk)
+        self.disk = None            # the image, once the script named it
+        self.readonly = True
+        self.open_error = None      # why it would not open
+        self.serving = None         # (dispatcher, thread, transport)
 
     def key(self, name):
         return self.xs.read(f"{self.path}/{name}")
@@ -163,6 +171,9 @@ class Device:
                 self.xs.watch(f"{self.frontend}/state", self.path)
         if self.state is None:
             self.probe()
+        if self.disk is None and self.open_error is None and \
+                self.key("physical-device-path") is not None:
+            self.open()
         fe_state = XenbusStateUnknown
         if self.frontend:
             try:    # as xenbus_read_driver_state: garbage is Unknown
@@ -199,6 +210,21 @@ class Device:
             f"{self.path}/state": XenbusStateInitWait})
         self.state = XenbusStateInitWait
 
+    def open(self):
+        """Open the image the hotplug script named; tell it how that went."""
+        path = self.key("physical-device-path")
+        fmt = self.key("tapbridge-format") or None
+        self.readonly = self.key("mode") != "w"
+        try:
+            self.disk = open_image(path, fmt, readonly=self.readonly)
+        except (ImageError, UsageError, OSError) as e:
+            self.open_error = str(e)
+            log.error("%s: %s", self.path, e)
+            self.xs.write_all({f"{self.path}/tapbridge-error": e,
+                               f"{self.path}/tapbridge-status": "error"})
+            return
+        self.xs.write(f"{self.path}/tapbridge-status", "opened")
+
     def connect(self):
         try:
             self._connect()
@@ -227,27 +253,21 @@ class Device:
             proto = PROTOCOL_DEFAULT
         if proto not in PROTOCOLS:
             raise DeviceError(f"unknown protocol {proto!r}")
-        readonly = self.key("mode") != "w"
-        # The hotplug script resolved xl's target (params) into these.
-        path = self.key("physical-device-path")
-        fmt = self.key("tapbridge-format") or None
-        disk = open_image(path, fmt, readonly=readonly)
+        disk, readonly = self.disk, self.readonly
+        if disk is None:
+            raise DeviceError(self.open_error or "no image: the hotplug "
+                              "script named none")
+        transport = self.backend.transport_factory(domid, refs, order, port)
         try:
-            transport = self.backend.transport_factory(domid, refs, order,
-                                                       port)
-            try:
-                dispatcher = Dispatcher(disk, transport, PROTOCOLS[proto],
-                                        readonly=readonly,
-                                        workers=self.backend.workers)
-            except BaseException:
-                transport.close()
-                raise
+            dispatcher = Dispatcher(disk, transport, PROTOCOLS[proto],
+                                    readonly=readonly,
+                                    workers=self.backend.workers)
         except BaseException:
-            disk.close()
+            transport.close()
             raise
         thread = threading.Thread(target=self._serve, args=(dispatcher,),
                                   name=f"tapbridge {self.path}", daemon=True)
-        self.serving = (dispatcher, thread, transport, disk)
+        self.serving = (dispatcher, thread, transport)
         thread.start()
         info = (VDISK_READONLY if readonly else 0) | \
             (VDISK_CDROM if self.key("device-type") == "cdrom" else 0) | \
@@ -268,7 +288,8 @@ class Device:
             f"{p}/state": XenbusStateConnected})
         self.state = XenbusStateConnected
         log.info("%s: connected to domain %d (%s, %d ring pages) serving %s",
-                 self.path, domid, proto, 1 << order, path)
+                 self.path, domid, proto, 1 << order,
+                 self.key("physical-device-path"))
 
     def _serve(self, dispatcher):
         try:
@@ -279,13 +300,12 @@ class Device:
     def disconnect(self):
         if self.serving is None:
             return
-        dispatcher, thread, transport, disk = self.serving
+        dispatcher, thread, transport = self.serving
         self.serving = None
         dispatcher.stop()
         thread.join()
         dispatcher.close()
         transport.close()
-        disk.close()
         log.info("%s: disconnected", self.path)
 
     def fatal(self, message):
@@ -298,6 +318,9 @@ class Device:
 
     def retire(self):
         self.disconnect()
+        if self.disk is not None:
+            self.disk.close()
+            self.disk = None
         if self.frontend:
             self.xs.unwatch(f"{self.frontend}/state", self.path)
         self.retired = True
@@ -317,6 +340,7 @@ class VbdBackend:
 
     def run(self):
         self.xs.watch(self.root, self.root)
+        log.info("watching %s", self.root)
         try:
             while not self._stop.is_set():
                 event = self.xs.next_event(0.5)
@@ -324,7 +348,8 @@ class VbdBackend:
                     self.handle(*event)
         finally:
             for device in self.devices.values():
-                device.disconnect()
+                if not device.retired:
+                    device.retire()
 
     def stop(self):
         self._stop.set()

@@ -211,6 +211,10 @@ def test_flush_writes_then_flushes(tmp_path, image):
         assert one(fe, BLKIF_OP_FLUSH_DISKCACHE, 1, 0, []) == OK
         assert disk.calls == [("flush", None, 0), ("flush done", None, 0)]
         disk.calls.clear()
+        # Linux blkfront's pure flush names sector 2**64 - 1.
+        assert one(fe, BLKIF_OP_FLUSH_DISKCACHE, 3, 2**64 - 1, []) == OK
+        assert disk.calls == [("flush", None, 0), ("flush done", None, 0)]
+        disk.calls.clear()
         shm.fill(1, b"F" * 4096)
         assert one(fe, BLKIF_OP_FLUSH_DISKCACHE, 2, 16, [(1, 0, 7)]) == OK
         assert disk.calls == [("pwrite", 8192, 4096),

@@ -386,13 +386,13 @@ def xs():
     os.rmdir(d)
 
 
-def hotplug(xs, script, command, xenbus_path="backend/vbd/1/51712"):
+def hotplug(xs, script, command, xenbus_path="backend/vbd/1/51712",
+            env=None):
     """Run a hotplug script with the environment libxl's get_hotplug_env
-    gives it, and the venv's nbdplug on PATH."""
-    env = {"PATH": os.path.dirname(sys.executable) + ":" +
-           os.environ["PATH"], "XENSTORED_PATH": xs.path,
-           "script": script, "XENBUS_TYPE": "vbd",
-           "XENBUS_BASE_PATH": "backend"}
+    gives it (and `env`), and the venv's nbdplug on PATH."""
+    env = dict(env or {}, PATH=os.path.dirname(sys.executable) + ":" +
+               os.environ["PATH"], XENSTORED_PATH=xs.path, script=script,
+               XENBUS_TYPE="vbd", XENBUS_BASE_PATH="backend")
     if xenbus_path is not None:
         env["XENBUS_PATH"] = xenbus_path
     return subprocess.run([script, command], stdin=subprocess.DEVNULL,

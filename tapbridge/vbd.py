@@ -246,6 +246,9 @@ class Device:
             raise DeviceError("multi-queue was not offered")
         refs = [self.guest_int(f"{fe}/{name}") for name in names]
         port = self.guest_int(f"{fe}/event-channel")
+        # Both ends must offer persistent grants for them to be used.
+        persistent = self.backend.persistent and \
+            self.guest_int(f"{fe}/feature-persistent", 0) == 1
         proto = self.xs.read(f"{fe}/protocol")
         if proto is None:
             log.warning("%s: no protocol key, assuming %s", self.path,
@@ -257,7 +260,8 @@ class Device:
         if disk is None:
             raise DeviceError(self.open_error or "no image: the hotplug "
                               "script named none")
-        transport = self.backend.transport_factory(domid, refs, order, port)
+        transport = self.backend.transport_factory(domid, refs, order, port,
+                                                   persistent=persistent)
         try:
             dispatcher = Dispatcher(disk, transport, PROTOCOLS[proto],
                                     readonly=readonly,
@@ -276,7 +280,7 @@ class Device:
         self.xs.write_all({
             f"{p}/feature-flush-cache": 1,
             f"{p}/feature-barrier": 1,
-            f"{p}/feature-persistent": 0,
+            f"{p}/feature-persistent": int(self.backend.persistent),
             f"{p}/feature-discard": int(dispatcher.can_discard),
             f"{p}/discard-granularity": DISCARD_GRANULARITY,
             f"{p}/discard-alignment": 0,
@@ -287,8 +291,9 @@ class Device:
             f"{p}/info": info,
             f"{p}/state": XenbusStateConnected})
         self.state = XenbusStateConnected
-        log.info("%s: connected to domain %d (%s, %d ring pages) serving %s",
-                 self.path, domid, proto, 1 << order,
+        log.info("%s: connected to domain %d (%s, %d ring pages%s) serving "
+                 "%s", self.path, domid, proto, 1 << order,
+                 ", persistent grants" if persistent else "",
                  self.key("physical-device-path"))
 
     def _serve(self, dispatcher):
@@ -305,8 +310,10 @@ class Device:
         dispatcher.stop()
         thread.join()
         dispatcher.close()
+        grants = len(getattr(transport, "grants", None) or ())
         transport.close()
-        log.info("%s: disconnected", self.path)
+        log.info("%s: disconnected, %d persistent grants unmapped",
+                 self.path, grants)
 
     def fatal(self, message):
         """As xenbus_dev_fatal: say why under error/, then Closing."""
@@ -330,10 +337,11 @@ class VbdBackend:
     """Every block-tapbridge vbd of domain `domid`, until stop()."""
 
     def __init__(self, xs, transport_factory, domid=0,
-                 workers=DEFAULT_WORKERS):
+                 workers=DEFAULT_WORKERS, persistent=True):
         self.xs = xs
         self.transport_factory = transport_factory
         self.workers = workers
+        self.persistent = persistent    # offer feature-persistent
         self.root = f"/local/domain/{domid}/backend/vbd"
         self.devices = {}
         self._stop = threading.Event()

@@ -29,7 +29,7 @@ MiB = 1 << 20
 # The script hands the image to the running daemon, which opens it and
 # answers; so these run `tapbridge serve-xen`'s backend in process.
 
-def no_ring(domid, refs, order, port):
+def no_ring(domid, refs, order, port, persistent):
     raise AssertionError("no frontend here")
 
 
@@ -109,8 +109,8 @@ def test_xl_attach_sequence_with_tapbridge(xs, tmp_path, odd_dir):
     shm = ShmDir(tmp_path / "shm", 8)
     guest = Frontend(shm, 0)
     # Shared memory stands in for the guest's granted pages.
-    with vbd_backend(xs, lambda domid, refs, order, port:
-                     ShmTransport(shm.path, order)):
+    with vbd_backend(xs, lambda domid, refs, order, port, persistent:
+                     ShmTransport(shm.path, order, persistent)):
         be, fe = libxl_add_vbd(xs, f"raw:{image}")
         wait_for(lambda: xs.read(f"{be}/state") == "2", 10, "InitWait")
         proc = hotplug(xs, BLOCK_TAPBRIDGE, "add")

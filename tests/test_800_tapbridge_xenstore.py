@@ -17,8 +17,9 @@ from tapbridge.vbd import Xenstore
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "tapbridge"))
 import xsserver  # noqa: E402
-from tbharness import (Frontend, ShmDir, libxl_add_vbd,  # noqa: E402
-                       probe, sector_data, vbd_backend, wait_for)
+from tbharness import (Frontend, ShmDir, in_thread,  # noqa: E402
+                       libxl_add_vbd, probe, sector_data, vbd_backend,
+                       wait_for)
 from tbharness import xs  # noqa: E402,F401 (a fixture)
 
 MiB = 1 << 20
@@ -38,16 +39,18 @@ class Factory:
     def __init__(self, shm):
         self.shm = shm
         self.calls = []
+        self.persistent = []
         self.open = []
 
-    def __call__(self, domid, refs, order, port):
+    def __call__(self, domid, refs, order, port, persistent=False):
         self.calls.append((domid, refs, order, port))
-        transport = ShmTransport(self.shm.path, order)
+        self.persistent.append(persistent)
+        transport = ShmTransport(self.shm.path, order, persistent)
         close = transport.close
 
         def closing():
-            self.open.remove(transport)
             close()
+            self.open.remove(transport)
         transport.close = closing
         self.open.append(transport)
         return transport
@@ -159,7 +162,7 @@ def test_connects_and_serves_the_ring(xs, image, tmp_path, order, protocol):
             "discard-granularity", "discard-secure")} == {
             "sectors": str(4 * MiB // 512), "sector-size": "512",
             "info": "0", "feature-flush-cache": "1", "feature-barrier": "1",
-            "feature-persistent": "0", "feature-discard": "1",
+            "feature-persistent": "1", "feature-discard": "1",
             "discard-granularity": "4096", "discard-secure": "1"}
         xs.write(f"{fe}/state", 4)
         shm.fill(2, b"\x42" * 4096)
@@ -184,6 +187,40 @@ def test_frontend_already_connected_before_the_backend(xs, image, tmp_path):
         wait_for(lambda: state(xs, be) == 4, 10, "Connected")
         assert xs.read(f"{be}/info") == "4"         # VDISK_READONLY
         assert xs.read(f"{be}/feature-discard") == "0"
+
+
+@pytest.mark.parametrize("offered,used", [
+    ((True, 1), True), ((True, 0), False), ((True, None), False),
+    ((False, 1), False)])
+def test_persistent_grants_when_both_ends_offer_them(xs, image, tmp_path,
+                                                     offered, used):
+    """feature-persistent: ours at connect, the frontend's before; pages
+    stay mapped while connected and are all unmapped at teardown."""
+    ours, theirs = offered
+    shm = ShmDir(tmp_path / "shm", 8)
+    guest = Frontend(shm, 0)
+    factory = Factory(shm)
+    from tapbridge.vbd import VbdBackend, Xenstore
+    store = Xenstore(xs.path)
+    vbd = VbdBackend(store, factory, persistent=ours)
+    with in_thread(vbd.run, vbd.stop):
+        be, fe = libxl_add_vbd(xs, f"raw:{image}")
+        hotplug_connected(xs, be, image)
+        extra = {} if theirs is None else {"feature_persistent": theirs}
+        frontend_connects(xs, fe, [5], **extra)
+        wait_for(lambda: state(xs, be) == 4, 10, "Connected")
+        assert xs.read(f"{be}/feature-persistent") == str(int(ours))
+        assert factory.persistent == [used]
+        for i in range(3):
+            guest.req(BLKIF_OP_READ, i, 8 * i, [(2, 0, 7), (3, 0, 7)])
+            guest.push()
+            assert guest.get(1) == [(i, BLKIF_OP_READ, 0)]
+        (transport,) = factory.open
+        assert transport.maps == (2 if used else 0)
+        teardown_by_libxl(xs, be, fe)
+        wait_for(lambda: not factory.open, 10, "transport closed")
+        assert transport.unmaps == transport.maps
+    store.close()
 
 
 def teardown_by_libxl(xs, be, fe):

@@ -262,13 +262,14 @@ def in_thread(run, stop):
 
 
 @contextlib.contextmanager
-def dispatcher_thread(shm, disk, order=0, protocol="x86_64-abi", **kw):
+def dispatcher_thread(shm, disk, order=0, protocol="x86_64-abi",
+                      persistent=False, **kw):
     """The dispatcher serving `disk` in this process (so tests can watch
     the driver calls), on a ring the frontend has already initialised."""
     from tapbridge.abi import PROTOCOLS
     from tapbridge.dispatch import Dispatcher
     from tapbridge.shm import ShmTransport
-    transport = ShmTransport(shm.path, order)
+    transport = ShmTransport(shm.path, order, persistent=persistent)
     dispatcher = Dispatcher(disk, transport, PROTOCOLS[protocol], **kw)
     try:
         with in_thread(dispatcher.serve, dispatcher.stop):

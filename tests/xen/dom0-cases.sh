@@ -1,32 +1,35 @@
 #!/bin/sh
 # The Xen lane's cases, run in dom0 by its /init (tests/xen/dom0-init.sh)
 # with TREE (the work tree's path on the host, the same inside
-# `chroot /host`) and CASES.  One "CASE name PASS|FAIL what" line per
-# case; the host (tools/xen-lane.sh) counts them.
+# `chroot /host`) and CASES (phases to run: tapbridge, blkback; default
+# all).  One "CASE name PASS|FAIL what" line per case, and "BENCH" lines
+# for the throughput table; the host (tools/xen-lane.sh) collects them.
 #
-# Phase 1, tapbridge (xen-blkback not loaded: it would claim every vbd):
-#   two domUs at once: A reads, writes and discards a raw, a qcow2 (over a
-#   backing file), a VMDK and a VHD image and fails to write a read-only
-#   one; B streams flushed writes to a qcow2 until `xl destroy`; then a
-#   third domU boots on B's image and measures throughput through
-#   tapbridge and QEMU's qdisk.
-# Phase 2, kernel blkback: block-nbdplug for the four formats, and the
-#   throughput through blkback on a loop device.
+# Phase tapbridge (xen-blkback not loaded: it would claim every vbd):
+#   domU A reads, writes and discards a raw, a qcow2 (over a backing
+#   file), a VMDK and a VHD image and cannot write a read-only one, while
+#   domU B streams flushed writes to a qcow2 until `xl destroy`; then
+#   domU C boots on B's image and measures throughput through tapbridge
+#   and QEMU's qdisk on copies of one raw image.
+# Phase blkback (xen-blkback loaded, tapbridge stopped): domU D reads,
+#   writes and discards the four formats through block-nbdplug (kernel
+#   NBD), and measures throughput through blkback on a loop device of
+#   the same raw image.
 LANE=$TREE/build/xen-lane           # on the host (and in the chroot)
 IMAGES=$LANE/images
 KERNEL=/host/boot/vmlinuz-$(uname -r)
 RAMDISK=/host$LANE/domu.cpio.gz
 W=/tmp/xl                           # dom0's memory, seen in the chroot too
-XTOOL="/host$LANE/xtool"
+XTOOL=/host$LANE/xtool
 CONSOLE=/var/log/xen/console
+BENCH_SECONDS=${BENCH_SECONDS:-2}
 mkdir -p $W
-PASSED=0 FAILED=0
 
 T() { echo "XENLANE-T $(cut -d' ' -f1 /proc/uptime) $*"; }
 in_host() { chroot /host "$@"; }
 pass() { echo "CASE $1 PASS ${2:-}"; }
 fail() { echo "CASE $1 FAIL ${2:-}"; }
-log_tail() { # FILE: the end of a log, for a failing case
+log_tail() { # FILE [LINES]: the end of a log, for a failing case
     [ -f "$1" ] && tail -n "${2:-15}" "$1" | sed "s|^|  ${1##*/}: |"
 }
 
@@ -41,7 +44,27 @@ until_true() {
     done
 }
 
-# domu NAME EXTRA DISK...: write NAME's xl config and create it.
+# The work tree's hotplug scripts where xl looks for them, and the
+# commands they run, from the work tree.
+install_tree() {
+    cp /host$TREE/hotplug/xen/* /etc/xen/scripts/
+    for c in nbdplug tapbridge; do
+        printf '#!/bin/sh\nexec chroot /host %s "$@"\n' \
+            "$TREE/.venv/bin/$c" > /usr/local/bin/$c
+        chmod 755 /usr/local/bin/$c
+    done
+}
+
+# images NAME...: copy from the host into dom0's memory.  NAME.orig (its
+# qemu-img convert -O raw) and NAME.md5 stay on the host (make-images.sh).
+images() {
+    for i in "$@"; do
+        cp "/host$IMAGES/$i" $W/$i
+    done
+}
+
+# domu NAME EXTRA DISK...: write NAME's xl config and create it; EXTRA
+# goes on its kernel command line (domu-init.sh reads it).
 domu() {
     name=$1 extra=$2; shift 2
     disks=""
@@ -59,12 +82,12 @@ on_poweroff = "destroy"
 on_crash = "destroy"
 EOF
     rm -f $CONSOLE/guest-$name.log
-    timeout 120 xl create $W/$name.cfg > $W/$name.create.log 2>&1 || {
-        cat $W/$name.create.log
+    if ! timeout 120 xl create $W/$name.cfg > $W/$name.create.log 2>&1; then
+        log_tail $W/$name.create.log
         log_tail /var/log/xen/xen-hotplug.log
-        log_tail $W/tapbridge.log
+        [ -f $W/tapbridge.log ] && log_tail $W/tapbridge.log
         return 1
-    }
+    fi
     T "$name created"
 }
 gone() { ! xl list "$1" >/dev/null 2>&1; }
@@ -76,113 +99,147 @@ wait_domu() {
     timeout 30 xl destroy "$1"
     return 1
 }
-# said NAME WORDS: the domU's console lines "DOMU WORDS ..." (rest of line).
+# said NAME WORDS: the rest of the domU's console lines "DOMU WORDS ...".
 said() {
     sed -n "s/^DOMU $2 //p" $CONSOLE/guest-$1.log 2>/dev/null | tr -d '\r'
 }
 
-# raw_md5 IMAGE OUT: qemu-img convert -O raw of IMAGE into OUT; its md5.
-raw_md5() {
-    in_host qemu-img convert -O raw "$1" "$2" && md5sum < "$2" | cut -d' ' -f1
-}
-
-# check_image FILE FMT: qemu-img check where it checks the format, else
-# nbdplug check (qemu-img has no check for raw or vpc).
+# check_image FILE FMT: qemu-img check (it has no check for raw or vpc).
 check_image() {
     case $2 in
     qcow2|vmdk) in_host qemu-img check -q -f "$2" "$1" ;;
-    vpc) in_host "$TREE/.venv/bin/nbdplug" check -f vpc "$1" >/dev/null ;;
-    raw) true ;;
+    *) true ;;
     esac
 }
+checked() { case $1 in qcow2|vmdk) echo "qemu-img check clean" ;;
+            *) echo "(qemu-img checks no $1)" ;; esac; }
 
-# plan_case CASE DOMU VDEV IMAGE FMT SEED: the domU's md5 of the disk is
-# that of qemu-img convert -O raw; after it wrote and discarded (xtool
-# apply) and shut down, the image checks clean and reads back the plan.
+# plan_case CASE DOMU VDEV IMAGE FMT SEED [PERSISTENT]: the domU's md5 of
+# the disk is that of qemu-img convert -O raw; after it wrote and
+# discarded (xtool apply) and shut down, the image checks clean and reads
+# back the plan.  PERSISTENT=yes: blkfront must have said it uses
+# persistent grants.
 plan_case() {
     c=$1 dom=$2 vdev=$3 img=$4 fmt=$5 seed=$6
-    want=$(cat /host$IMAGES/${img##*/}.md5)
+    src=${img##*/}
+    src=/host$IMAGES/${src#nbd-}        # the image it is a copy of
+    want=$(cat $src.md5)
     got=$(said $dom "md5 $vdev")
     applied=$(said $dom "plan $vdev")
+    features=$(said $dom "blkfront $vdev:")
     if [ "$got" != "$want" ]; then
         fail $c "domU md5 '$got', qemu-img convert -O raw '$want'"
     elif [ "${applied%% *}" != ok ]; then
         fail $c "domU: $applied"
+    elif [ "${7:-}" = yes ] && ! echo "$features" | grep -q "persistent grants: enabled"; then
+        fail $c "blkfront: $features"
     elif ! out=$(check_image $img $fmt 2>&1); then
-        fail $c "check: $(echo $out | tail -c 300)"
+        fail $c "qemu-img check: $(echo $out | tail -c 300)"
     elif ! in_host qemu-img convert -f $fmt -O raw $img $img.after ||
-         ! out=$($XTOOL verify /host$IMAGES/${img##*/}.orig $img.after $seed); then
+         ! out=$($XTOOL verify $src.orig $img.after $seed); then
         fail $c "read back: $out"
     else
-        pass $c "md5 ok; ${applied#ok }; check clean; $out"
+        pass $c "md5 of /dev/$vdev = md5 of qemu-img convert; ${applied#ok }; $(checked $fmt); read back: $out"
     fi
     rm -f $img.after
 }
 
-# images NAME...: copy from the host into dom0's memory.  NAME.orig (its
-# qemu-img convert -O raw) and NAME.md5 stay on the host (make-images.sh).
-images() {
-    for i in "$@"; do
-        cp "/host$IMAGES/$i" $W/$i
-    done
-}
+# --- phase tapbridge ----------------------------------------------------------
 
 tapbridge_start() {
     in_host "$TREE/.venv/bin/tapbridge" serve-xen > $W/tapbridge.log 2>&1 &
     TAPBRIDGE=$!
     until_true 60 grep -q "watching" $W/tapbridge.log ||
-        { echo "tapbridge did not start"; log_tail $W/tapbridge.log; return 1; }
+        { log_tail $W/tapbridge.log; return 1; }
     T "tapbridge up"
 }
 
-# The domain is gone for good: not even a dying domain kept alive by
-# pages dom0 still maps, and no event channel of dom0 bound to it.
+# The domain is gone for good: no dying domain kept alive by pages dom0
+# still maps, and no event channel of dom0 bound to it.
 released() { # DOMID
     ! xl list | awk '{print $2}' | grep -qx "$1" &&
-    ! lsevtchn 0 2>/dev/null | grep -q "Interdomain (Connected) - Remote Domain $1,"
+    ! lsevtchn 0 2>/dev/null |
+        grep -q "Interdomain (Connected) - Remote Domain $1,"
+}
+# Nothing of any guest left in the daemon: no gntdev or evtchn open.
+daemon_clean() {
+    ! ls -l /proc/$TAPBRIDGE/fd 2>/dev/null | grep -q "/dev/xen/" &&
+    ! grep -q "/dev/xen/gntdev" /proc/$TAPBRIDGE/maps
 }
 
 phase_tapbridge() {
-    images raw.img base.qcow2 qcow2.qcow2 vmdk.vmdk vhd.vhd ro.qcow2 stream.qcow2
+    images raw.img base.qcow2 qcow2.qcow2 vmdk.vmdk vhd.vhd ro.qcow2 \
+        stream.qcow2 bench.raw
+    cp $W/bench.raw $W/bench-qdisk.raw
     T "images ready"
-    tapbridge_start || { fail tapbridge "did not start"; return; }
+    tapbridge_start || { fail tapbridge-start "tapbridge did not start"; return; }
     base_md5=$(md5sum < $W/base.qcow2)
     tb="script=block-tapbridge"
     # B first: it writes until destroyed, while A runs.
     domu domu-b "xt.stream=xvda:0x5eed" \
         "vdev=xvda,access=rw,$tb,target=qcow2:$W/stream.qcow2" ||
-        { fail two-domus "domu-b did not start"; return; }
+        { fail tapbridge-destroy "domu-b did not start"; return; }
     domu domu-a "xt.md5=xvda,xvdb,xvdc,xvdd,xvde xt.plan=xvda:11,xvdb:12,xvdc:13,xvdd:14 xt.ro=xvde" \
         "vdev=xvda,access=rw,$tb,target=raw:$W/raw.img" \
         "vdev=xvdb,access=rw,$tb,target=qcow2:$W/qcow2.qcow2" \
         "vdev=xvdc,access=rw,$tb,target=vmdk:$W/vmdk.vmdk" \
         "vdev=xvdd,access=rw,$tb,target=vhd:$W/vhd.vhd" \
         "vdev=xvde,access=ro,$tb,target=qcow2:$W/ro.qcow2" ||
-        { fail two-domus "domu-a did not start"; timeout 30 xl destroy domu-b; return; }
+        { fail tapbridge-formats "domu-a did not start"; timeout 30 xl destroy domu-b; return; }
     destroy_case
     wait_domu domu-a 300
     if [ "${BOTH:-}" = yes ]; then
-        pass two-domus "domu-a and domu-b served at once (their cases follow)"
+        pass tapbridge-two-domus "domu-a and domu-b served at once, each its image (cases above and below)"
     else
-        fail two-domus "domu-a and domu-b were not running together"
+        fail tapbridge-two-domus "domu-a and domu-b were not running together"
     fi
-    plan_case tapbridge-raw domu-a xvda $W/raw.img raw 11
-    plan_case tapbridge-qcow2-backing domu-a xvdb $W/qcow2.qcow2 qcow2 12
+    plan_case tapbridge-raw domu-a xvda $W/raw.img raw 11 yes
+    plan_case tapbridge-qcow2-backing domu-a xvdb $W/qcow2.qcow2 qcow2 12 yes
     [ "$(md5sum < $W/base.qcow2)" = "$base_md5" ] ||
         fail tapbridge-qcow2-backing "the backing file changed"
-    plan_case tapbridge-vmdk domu-a xvdc $W/vmdk.vmdk vmdk 13
-    plan_case tapbridge-vhd domu-a xvdd $W/vhd.vhd vpc 14
+    plan_case tapbridge-vmdk domu-a xvdc $W/vmdk.vmdk vmdk 13 yes
+    plan_case tapbridge-vhd domu-a xvdd $W/vhd.vhd vpc 14 yes
     ro=$(said domu-a "readonly xvde")
     ro_md5=$(cat /host$IMAGES/ro.qcow2.md5)
     if [ "$(said domu-a "md5 xvde")" = "$ro_md5" ] && [ "${ro%% *}" = ok ] &&
-       [ "$(raw_md5 $W/ro.qcow2 $W/ro.after)" = "$ro_md5" ]; then
-        pass tapbridge-readonly "${ro#ok }"
+       in_host qemu-img convert -O raw $W/ro.qcow2 $W/ro.after &&
+       [ "$(md5sum < $W/ro.after | cut -d' ' -f1)" = "$ro_md5" ]; then
+        pass tapbridge-readonly "md5 ok; ${ro#ok }; image unchanged"
     else
         fail tapbridge-readonly "$ro"
     fi
+    rm -f $W/ro.after
+
+    # C: a new domU on the destroyed one's image, then the throughput.
+    domu domu-c "xt.md5=xvda xt.bench=xvdb:tapbridge,xvdc:qdisk xt.secs=$BENCH_SECONDS" \
+        "vdev=xvda,access=rw,$tb,target=qcow2:$W/stream.qcow2" \
+        "vdev=xvdb,access=rw,$tb,target=raw:$W/bench.raw" \
+        "vdev=xvdc,access=rw,backendtype=qdisk,target=$W/bench-qdisk.raw" ||
+        { fail tapbridge-reboot "domu-c did not start"; return; }
+    wait_domu domu-c 300
+    got=$(said domu-c "md5 xvda")
+    if [ -n "$got" ] && [ "$got" = "$(cat $W/stream.qcow2.md5 2>/dev/null)" ]; then
+        pass tapbridge-reboot "a new domU booted on the destroyed domU's image and read what dom0 reads"
+    else
+        fail tapbridge-reboot "domU md5 '$got', dom0 '$(cat $W/stream.qcow2.md5 2>/dev/null)'"
+    fi
+    said domu-c bench | sed 's/^/BENCH /'
+    said domu-c blkfront | sed 's/^/  domu-c blkfront /'
+
+    # Every guest gone: nothing left mapped or bound, the daemon stops.
+    if until_true 30 daemon_clean; then
+        pass tapbridge-released "$(grep -c 'disconnected' $W/tapbridge.log) rings closed; $(sed -n 's/.*disconnected, \([0-9]*\) persistent.*/\1/p' $W/tapbridge.log | awk '{n+=$1} END {print n+0}') persistent grants unmapped; no gntdev mapping or Xen device left open"
+    else
+        fail tapbridge-released "$(ls -l /proc/$TAPBRIDGE/fd | grep xen | wc -l) Xen devices open, $(grep -c gntdev /proc/$TAPBRIDGE/maps) gntdev mappings"
+    fi
+    kill $TAPBRIDGE
+    timeout 30 sh -c "while [ -d /proc/$TAPBRIDGE ]; do sleep 0.2; done"
+    grep -q Traceback $W/tapbridge.log &&
+        { fail tapbridge-log "a traceback"; log_tail $W/tapbridge.log 40; }
 }
 
-# B streams; once it has flushed 48 blocks (3 MiB) it is destroyed.
+# B streams; once it has flushed 48 blocks (3 MiB) while A runs, it is
+# destroyed.
 destroy_case() {
     c=tapbridge-destroy
     domid=$(xl domid domu-b 2>/dev/null)
@@ -192,11 +249,10 @@ destroy_case() {
         timeout 30 xl destroy domu-b
         return
     fi
-    # Both served at once, each its own image.
     [ "$(xl list | grep -c '^domu-[ab] ')" = 2 ] && BOTH=yes
     timeout 60 xl destroy domu-b
     n=$(said domu-b FLUSHED | tail -n 1)
-    T "domu-b destroyed after $n flushed blocks"
+    T "domu-b destroyed after $n flushed writes"
     if ! until_true 30 released "$domid"; then
         fail $c "domain $domid not released: $(xl list | tail -n +2 | tr '\n' ';') $(lsevtchn 0 | grep "Domain $domid," | tr '\n' ';')"
     elif ! until_true 30 grep -q "vbd/$domid/51712: disconnected" $W/tapbridge.log; then
@@ -207,23 +263,54 @@ destroy_case() {
          ! out=$($XTOOL streamed $W/stream.raw 0x5eed "$n"); then
         fail $c "$out"
     else
-        pass $c "destroyed after $n flushed 64 KiB blocks; grants and event channels released; check clean; $out"
+        pass $c "xl destroy after $n flushed 64 KiB writes; domain gone (no page or event channel held); $(sed -n "s|.*vbd/$domid/51712: disconnected, ||p" $W/tapbridge.log); qemu-img check clean; $out"
     fi
     md5sum < $W/stream.raw | cut -d' ' -f1 > $W/stream.qcow2.md5
     rm -f $W/stream.raw
 }
 
-# The work tree's hotplug scripts where xl looks for them, and the
-# commands they run, from the work tree.
-install_tree() {
-    cp /host$TREE/hotplug/xen/* /etc/xen/scripts/
-    for c in nbdplug tapbridge; do
-        printf '#!/bin/sh\nexec chroot /host %s "$@"\n' \
-            "$TREE/.venv/bin/$c" > /usr/local/bin/$c
-        chmod 755 /usr/local/bin/$c
+# --- phase blkback ------------------------------------------------------------
+
+phase_blkback() {
+    for i in raw.img qcow2.qcow2 vmdk.vmdk vhd.vhd; do
+        cp /host$IMAGES/$i $W/nbd-$i
     done
+    [ -f $W/base.qcow2 ] || cp /host$IMAGES/base.qcow2 $W/
+    # The qcow2 overlay names its backing file relative to itself.
+    [ -f $W/bench.raw ] || cp /host$IMAGES/bench.raw $W/
+    modprobe xen-blkback || { fail blkback "no xen-blkback"; return; }
+    loop=$(losetup -f)
+    losetup $loop $W/bench.raw
+    nb="backendtype=phy,script=block-nbdplug"
+    domu domu-d "xt.md5=xvda,xvdb,xvdc,xvdd xt.plan=xvda:21,xvdb:22,xvdc:23,xvdd:24 xt.bench=xvde:blkback xt.secs=$BENCH_SECONDS" \
+        "vdev=xvda,access=rw,$nb,target=raw:$W/nbd-raw.img" \
+        "vdev=xvdb,access=rw,$nb,target=qcow2:$W/nbd-qcow2.qcow2" \
+        "vdev=xvdc,access=rw,$nb,target=vmdk:$W/nbd-vmdk.vmdk" \
+        "vdev=xvdd,access=rw,$nb,target=vhd:$W/nbd-vhd.vhd" \
+        "phy:$loop,xvde,w" ||
+        { fail block-nbdplug "domu-d did not start"; losetup -d $loop; return; }
+    wait_domu domu-d 300
+    losetup -d $loop
+    # xl ran block-nbdplug remove: every device detached again.
+    attached=$(in_host "$TREE/.venv/bin/nbdplug" list 2>&1 | grep -c /dev/)
+    for x in raw.img:raw:xvda:21 qcow2.qcow2:qcow2:xvdb:22 \
+             vmdk.vmdk:vmdk:xvdc:23 vhd.vhd:vpc:xvdd:24; do
+        IFS=: read -r img fmt vdev seed <<EOF
+$x
+EOF
+        plan_case block-nbdplug-$fmt domu-d $vdev $W/nbd-$img $fmt $seed
+    done
+    [ "$attached" = 0 ] || fail block-nbdplug-detach "$attached devices still attached"
+    said domu-d bench | sed 's/^/BENCH /'
+    said domu-d blkfront | sed 's/^/  domu-d blkfront /'
 }
 
-echo "dom0: cases $CASES"
+echo "dom0: cases ${CASES:-all}"
 install_tree
-phase_tapbridge
+for phase in ${CASES:-all}; do
+    case $phase in
+    all) phase_tapbridge; phase_blkback ;;
+    tapbridge|blkback) phase_$phase ;;
+    *) fail "$phase" "no such phase" ;;
+    esac
+done

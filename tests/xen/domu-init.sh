@@ -33,8 +33,16 @@ wait_disks() {
 }
 vdevs() { for x in "$@"; do echo "${x%%:*}"; done; }
 
+# What blkfront negotiated with each backend (flush, persistent grants,
+# indirect segments): "DOMU blkfront xvda: flush diskcache: ...".
+features() {
+    dmesg | sed -n 's/.*blkfront: \(xvd[a-z]*\): \(flush.*\)/\1: \2/p' |
+        while read -r line; do say "blkfront $line"; done
+}
+
 insmod /lib/modules/xen-blkfront.ko
 wait_disks $MD5 $(vdevs $PLAN) $RO $(vdevs $STREAM) $(vdevs $BENCH)
+features
 
 for d in $MD5; do
     say "md5 $d $(md5sum "/dev/$d" | cut -d' ' -f1)"
@@ -71,8 +79,10 @@ bench() {
 if [ -n "$BENCH" ]; then
     bench 1
     rmmod xen-blkfront
+    dmesg -c >/dev/null
     insmod /lib/modules/xen-blkfront.ko feature_persistent=0
     wait_disks $(vdevs $BENCH)
+    features
     bench 0
 fi
 say "done"

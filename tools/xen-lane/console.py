@@ -2,9 +2,10 @@
 
 Every line goes to LOG with the seconds since start; "CASE" lines, the
 lane's progress ("XENLANE-T") and fatal errors are echoed.  On
-"XENLANE-END" QEMU (its pid in PIDFILE) is stopped.  Then one line per
-case and "xen-lane: N passed, N failed"; the exit status is 0 only when
-cases ran and none failed.
+"XENLANE-END" QEMU (its pid in PIDFILE) is stopped.  Then the throughput
+table from the "BENCH" lines, one line per case and "xen-lane: N
+passed, N failed"; the exit status is 0 only when cases ran and none
+failed.
 """
 
 import os
@@ -19,6 +20,7 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 def main(log_path, pidfile):
     start = time.monotonic()
     cases = []
+    bench = {}
     ended = False
     with open(log_path, "w") as log:
         for raw in sys.stdin.buffer:
@@ -30,6 +32,8 @@ def main(log_path, pidfile):
             if line.startswith("CASE "):
                 cases.append(line[5:])
                 print(stamped, flush=True)
+            elif line.startswith("BENCH "):
+                _bench(line, bench)
             elif line.startswith(("XENLANE-T", "XENLANE-FATAL", "  ",
                                   "HOST:")) or "Kernel panic" in line:
                 print(stamped, flush=True)
@@ -46,11 +50,54 @@ def main(log_path, pidfile):
         print("xen-lane: no case ran")
         failed += 1
     print()
+    if bench:
+        print(_table(bench))
+        print()
     for c in cases:
         name, verdict = c.split()[:2]
         print(f"{verdict:4} {name}")
     print(f"xen-lane: {passed} passed, {failed} failed")
     return 1 if failed else 0
+
+
+# "BENCH tapbridge persistent=1 BENCH read 1048576 1 ops N secs S iops I
+# mibs M", as dom0 passes on the domU's xtool bench lines.
+BENCH = re.compile(r"BENCH (\S+) persistent=(\d) BENCH (\S+) (\d+) (\d+) "
+                   r"ops \d+ secs \S+ iops (\S+) mibs (\S+)")
+BACKENDS = ("tapbridge", "qdisk", "blkback")
+
+
+def _bench(line, bench):
+    m = BENCH.match(line)
+    if m:
+        backend, persistent, mode, bs, qd, iops, mibs = m.groups()
+        row = (mode, int(bs), int(qd))
+        value = float(mibs) if int(bs) >= 1 << 20 else float(iops)
+        bench.setdefault(row, {})[(backend, persistent)] = value
+
+
+def _table(bench):
+    """One row per test, one column per backend and persistent grants
+    on (p) or off (c, copy); the last column tapbridge / qdisk."""
+    cols = [(b, p) for b in BACKENDS for p in ("1", "0")]
+    head = ["test"] + [f"{b} {'p' if p == '1' else 'c'}" for b, p in cols] \
+        + ["tb/qdisk"]
+    rows = [head]
+    for (mode, bs, qd), values in sorted(bench.items(),
+                                         key=lambda kv: (-kv[0][1], kv[0])):
+        unit = "MiB/s" if bs >= 1 << 20 else "IOPS"
+        size = f"{bs >> 20}M" if bs >= 1 << 20 else f"{bs >> 10}K"
+        row = [f"{mode} {size} QD{qd} {unit}"]
+        row += [f"{values[c]:.0f}" if c in values else "-" for c in cols]
+        ratios = [values[("tapbridge", p)] / values[("qdisk", p)]
+                  for p in ("1", "0")
+                  if values.get(("qdisk", p)) and ("tapbridge", p) in values]
+        row.append("/".join(f"{r:.2f}" for r in ratios) or "-")
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w)
+                               for i, (c, w) in enumerate(zip(r, widths)))
+                     for r in rows)
 
 
 def _stop(pidfile):

@@ -13,15 +13,16 @@ mapping, or copying through the hypervisor, per request.
   ring goes: until then the frontend cannot take the pages back (and a
   destroyed guest's memory stays allocated).
 
-The request data is staged through one local buffer: segments gathered
-from the mapped pages for a write, scattered to them after a read.
+A request of several segments is staged through one local buffer (the
+driver takes one buffer per call): segments gathered from the mapped
+pages for a write, scattered to them after a read.
 """
 
 import gc
 import logging
 import threading
 
-from .abi import SECTOR_SIZE
+from .abi import SECTOR_SIZE, SECTORS_PER_PAGE
 from .transport import BadGrant, GuestBuffer
 
 log = logging.getLogger("tapbridge")
@@ -52,6 +53,9 @@ class PersistentGrants:
         entry = self._pages.get(gref)
         if entry is not None:
             return entry[0]
+        return self._map(gref)
+
+    def _map(self, gref):
         with self._lock:
             entry = self._pages.get(gref)
             if entry is not None:
@@ -72,25 +76,38 @@ class PersistentGrants:
 
     def buffer(self, segments, to_guest):
         """The request's data as a GuestBuffer, or None when a segment's
-        grant is not (and cannot be) mapped persistently."""
+        grant is not (and cannot be) mapped persistently.  One segment is
+        the mapped page itself: the driver reads or writes guest memory
+        directly, as blkback does with persistent grants (a read that
+        fails leaves the guest's own page undefined, nothing else)."""
+        pages = self._pages
         spans = []
+        total = 0
         for gref, first, last in segments:
-            page = self.page(gref)
+            entry = pages.get(gref)
+            page = entry[0] if entry is not None else self._map(gref)
             if page is None:
                 return None
-            spans.append(page[first * SECTOR_SIZE:(last + 1) * SECTOR_SIZE])
-        view = memoryview(bytearray(sum(len(s) for s in spans)))
+            if first or last != SECTORS_PER_PAGE - 1:
+                page = page[first * SECTOR_SIZE:(last + 1) * SECTOR_SIZE]
+            spans.append(page)
+            total += len(page)
+        if len(spans) == 1:
+            return GuestBuffer(spans[0])
+        view = memoryview(bytearray(total))
         if to_guest:
             def deliver(view):
                 pos = 0
                 for span in spans:
-                    span[:] = view[pos:pos + len(span)]
-                    pos += len(span)
+                    end = pos + len(span)
+                    span[:] = view[pos:end]
+                    pos = end
             return GuestBuffer(view, deliver)
         pos = 0
         for span in spans:
-            view[pos:pos + len(span)] = span
-            pos += len(span)
+            end = pos + len(span)
+            view[pos:end] = span
+            pos = end
         return GuestBuffer(view)
 
     def close(self):
@@ -98,6 +115,9 @@ class PersistentGrants:
         with self._lock:
             pages, self._pages = self._pages, {}
         gc.collect()    # spans of finished requests still in cycles
-        for view, page, handle in pages.values():
+        for gref, (view, page, handle) in pages.items():
             view.release()
-            self._unmap_page(page, handle)
+            try:
+                self._unmap_page(page, handle)
+            except BufferError:     # a view of it outlived its request
+                log.error("grant %d still in use; left mapped", gref)

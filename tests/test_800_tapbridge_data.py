@@ -274,6 +274,33 @@ def test_requests_complete_out_of_order(tmp_path, image):
     disk.disk.close()
 
 
+def test_the_consumer_serves_calls_that_do_not_wait(tmp_path, image):
+    """Calls that only use the CPU are made by the thread that takes the
+    requests off the ring (no hand-off to a worker); once calls wait on
+    storage, workers make them, several at once."""
+    shm = ShmDir(tmp_path / "shm", 40)
+    fe = Frontend(shm)
+    disk = WatchedDisk(open_image(image, "raw", readonly=False))
+    with dispatcher_thread(shm, disk, workers=4):
+        for round_ in range(3):
+            for i in range(16):
+                fe.req(BLKIF_OP_READ, i, 8 * i, [(i + 1, 0, 7)])
+            fe.push()
+            assert len(fe.get(16)) == 16
+        assert not [t for t in disk.threads if t.startswith("tapbridge-")]
+        disk.threads.clear()
+        disk.delay = 0.005
+        for round_ in range(3):
+            for i in range(32):
+                fe.req(BLKIF_OP_READ, i, 8 * i, [(i + 1, 0, 7)])
+            fe.push()
+            assert len(fe.get(32)) == 32
+        workers = {t for t in disk.threads[-32:]
+                   if t.startswith("tapbridge-worker-")}
+        assert len(workers) > 1, disk.threads
+    disk.disk.close()
+
+
 def test_answer_published_while_a_later_request_is_stuck(tmp_path, image):
     """Responses are published per batch; one worker stuck on the batch's
     last request does not hold back the answers it already wrote."""

@@ -294,8 +294,9 @@ def vbd_backend(xs, transport_factory):
 
 
 class WatchedDisk:
-    """A Disk wrapper that logs every driver call and can hold calls at
-    chosen offsets until the test releases them."""
+    """A Disk wrapper that logs every driver call (and the thread that
+    made it), can hold calls at chosen offsets until the test releases
+    them, and can make every call wait `delay` seconds."""
 
     def __init__(self, disk):
         self.disk = disk
@@ -304,6 +305,8 @@ class WatchedDisk:
         self.can_trim = disk.can_trim
         self.can_zero = disk.can_zero
         self.calls = []
+        self.threads = []
+        self.delay = 0
         self.gates = {}         # offset -> (started, release) events
         self._lock = threading.Lock()
 
@@ -314,6 +317,9 @@ class WatchedDisk:
     def _call(self, name, length, offset, fn):
         with self._lock:
             self.calls.append((name, offset, length))
+            self.threads.append(threading.current_thread().name)
+        if self.delay:
+            time.sleep(self.delay)
         gate = self.gates.get(offset)
         if gate is not None and name != "flush":
             gate[0].set()

@@ -22,7 +22,7 @@ RAMDISK=/host$LANE/domu.cpio.gz
 W=/tmp/xl                           # dom0's memory, seen in the chroot too
 XTOOL=/host$LANE/xtool
 CONSOLE=/var/log/xen/console
-BENCH_SECONDS=${BENCH_SECONDS:-2}
+BENCH=${BENCH:-xt.secs=1 xt.rounds=3}   # each throughput run, and rounds
 mkdir -p $W
 
 T() { echo "XENLANE-T $(cut -d' ' -f1 /proc/uptime) $*"; }
@@ -147,7 +147,9 @@ plan_case() {
 # --- phase tapbridge ----------------------------------------------------------
 
 tapbridge_start() {
-    in_host "$TREE/.venv/bin/tapbridge" serve-xen > $W/tapbridge.log 2>&1 &
+    # chroot itself in the background, so that $! is the daemon's pid.
+    chroot /host "$TREE/.venv/bin/tapbridge" serve-xen \
+        > $W/tapbridge.log 2>&1 &
     TAPBRIDGE=$!
     until_true 60 grep -q "watching" $W/tapbridge.log ||
         { log_tail $W/tapbridge.log; return 1; }
@@ -211,7 +213,7 @@ phase_tapbridge() {
     rm -f $W/ro.after
 
     # C: a new domU on the destroyed one's image, then the throughput.
-    domu domu-c "xt.md5=xvda xt.bench=xvdb:tapbridge,xvdc:qdisk xt.secs=$BENCH_SECONDS" \
+    domu domu-c "xt.md5=xvda xt.bench=xvdb:tapbridge,xvdc:qdisk $BENCH" \
         "vdev=xvda,access=rw,$tb,target=qcow2:$W/stream.qcow2" \
         "vdev=xvdb,access=rw,$tb,target=raw:$W/bench.raw" \
         "vdev=xvdc,access=rw,backendtype=qdisk,target=$W/bench-qdisk.raw" ||
@@ -282,7 +284,7 @@ phase_blkback() {
     loop=$(losetup -f)
     losetup $loop $W/bench.raw
     nb="backendtype=phy,script=block-nbdplug"
-    domu domu-d "xt.md5=xvda,xvdb,xvdc,xvdd xt.plan=xvda:21,xvdb:22,xvdc:23,xvdd:24 xt.bench=xvde:blkback xt.secs=$BENCH_SECONDS" \
+    domu domu-d "xt.md5=xvda,xvdb,xvdc,xvdd xt.plan=xvda:21,xvdb:22,xvdc:23,xvdd:24 xt.bench=xvde:blkback $BENCH" \
         "vdev=xvda,access=rw,$nb,target=raw:$W/nbd-raw.img" \
         "vdev=xvdb,access=rw,$nb,target=qcow2:$W/nbd-qcow2.qcow2" \
         "vdev=xvdc,access=rw,$nb,target=vmdk:$W/nbd-vmdk.vmdk" \
@@ -305,12 +307,28 @@ EOF
     said domu-d blkfront | sed 's/^/  domu-d blkfront /'
 }
 
+# Throughput only (for working on it): tapbridge and qdisk.
+phase_bench() {
+    images bench.raw
+    cp $W/bench.raw $W/bench-qdisk.raw
+    tapbridge_start || { fail bench "tapbridge did not start"; return; }
+    domu domu-c "xt.bench=xvdb:tapbridge,xvdc:qdisk $BENCH" \
+        "vdev=xvdb,access=rw,script=block-tapbridge,target=raw:$W/bench.raw" \
+        "vdev=xvdc,access=rw,backendtype=qdisk,target=$W/bench-qdisk.raw" ||
+        { fail bench "domu-c did not start"; return; }
+    wait_domu domu-c 300
+    said domu-c bench | sed 's/^/BENCH /'
+    said domu-c blkfront | sed 's/^/  domu-c blkfront /'
+    kill $TAPBRIDGE
+    pass bench "throughput measured"
+}
+
 echo "dom0: cases ${CASES:-all}"
 install_tree
 for phase in ${CASES:-all}; do
     case $phase in
     all) phase_tapbridge; phase_blkback ;;
-    tapbridge|blkback) phase_$phase ;;
+    tapbridge|blkback|bench) phase_$phase ;;
     *) fail "$phase" "no such phase" ;;
     esac
 done

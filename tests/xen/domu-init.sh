@@ -10,7 +10,8 @@
 #   xt.stream=xvda:SEED    xtool stream (until destroyed)
 #   xt.bench=xvdb:LABEL,.. xtool bench on each disk, with persistent grants
 #                          (blkfront's default), then again without
-#                          (blkfront reloaded with feature_persistent=0)
+#                          (blkfront reloaded with feature_persistent=0);
+#                          xt.secs=S each run, xt.rounds=N of each
 export PATH=/bin:/sbin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
@@ -18,7 +19,7 @@ mount -t devtmpfs dev /dev
 arg() { sed -n "s/.*xt\.$1=\([^ ]*\).*/\1/p" /proc/cmdline | tr , ' '; }
 say() { echo "DOMU $*"; }
 MD5=$(arg md5) PLAN=$(arg plan) RO=$(arg ro) STREAM=$(arg stream)
-BENCH=$(arg bench) SECONDS_EACH=$(arg secs)
+BENCH=$(arg bench) SECONDS_EACH=$(arg secs) ROUNDS=$(arg rounds)
 
 # wait_disks VDEV...: the block devices, within 30 s.
 wait_disks() {
@@ -66,13 +67,17 @@ for x in $STREAM; do
     xtool stream "/dev/${x%%:*}" "${x#*:}" 2>&1 | sed 's/^/DOMU /'
 done
 
-# bench PERSISTENT: the four rows on every bench disk.
+# bench PERSISTENT: the four rows on every bench disk, ROUNDS times,
+# the disks taking turns so that they share whatever else the machine
+# does (dom0 reports the median of each).
 bench() {
-    for x in $BENCH; do
+    for round in $(seq ${ROUNDS:-3}); do
         for row in "read 1048576 1" "write 1048576 1" "randread 4096 16" \
                    "randwrite 4096 16"; do
-            out=$(xtool bench "/dev/${x%%:*}" $row "${SECONDS_EACH:-2}" 2>&1)
-            say "bench ${x#*:} persistent=$1 $out"
+            for x in $BENCH; do
+                out=$(xtool bench "/dev/${x%%:*}" $row "${SECONDS_EACH:-1}" 2>&1)
+                say "bench ${x#*:} persistent=$1 $out"
+            done
         done
     done
 }

@@ -11,6 +11,7 @@ failed.
 import os
 import re
 import signal
+import statistics
 import sys
 import time
 
@@ -73,12 +74,16 @@ def _bench(line, bench):
         backend, persistent, mode, bs, qd, iops, mibs = m.groups()
         row = (mode, int(bs), int(qd))
         value = float(mibs) if int(bs) >= 1 << 20 else float(iops)
-        bench.setdefault(row, {})[(backend, persistent)] = value
+        bench.setdefault(row, {}).setdefault((backend, persistent),
+                                             []).append(value)
 
 
 def _table(bench):
     """One row per test, one column per backend and persistent grants
-    on (p) or off (c, copy); the last column tapbridge / qdisk."""
+    on (p) or off (c, copy), each the median of its runs; the last column
+    tapbridge / qdisk, persistent grants on / off."""
+    bench = {row: {k: statistics.median(v) for k, v in values.items()}
+             for row, values in bench.items()}
     cols = [(b, p) for b in BACKENDS for p in ("1", "0")]
     head = ["test"] + [f"{b} {'p' if p == '1' else 'c'}" for b, p in cols] \
         + ["tb/qdisk"]

@@ -33,7 +33,8 @@ the consumer sleeps until the frontend notifies it.
   every write completed before it durable.
 - WRITE_BARRIER: drain every earlier request, write, flush, and only then
   consume the requests after it.
-- DISCARD: trims the 4 KiB-aligned part of the range; with
+- DISCARD: trims the part of the range aligned to discard_granularity
+  (the image's cluster size, at least 4 KiB); with
   BLKIF_DISCARD_SECURE (advertised only when the disk can zero) the whole
   range is zeroed.  Disks that cannot trim answer EOPNOTSUPP.
 - INDIRECT: READ or WRITE with up to MAX_INDIRECT_SEGMENTS segments
@@ -65,7 +66,11 @@ log = logging.getLogger("tapbridge")
 
 # As blkback: 256 segments make a 1 MiB request, listed in one page.
 MAX_INDIRECT_SEGMENTS = 256
+# Discards are trimmed in whole units of the image's clusters (so a part
+# of one is left alone rather than zeroed), advertised to the guest as
+# discard-granularity; at least a page, at most MAX_DISCARD_GRANULARITY.
 DISCARD_GRANULARITY = PAGE_SIZE
+MAX_DISCARD_GRANULARITY = 2 << 20
 # The safety net under event suppression: look at the ring this often
 # even without a notification.
 RECHECK_SECONDS = 0.5
@@ -83,6 +88,15 @@ MAX_COMPLAINTS = 100
 _SEGMENT = abi.BLKIF_REQUEST_SEGMENT.struct
 _LAST_SECT = abi.SECTORS_PER_PAGE - 1
 _WRITES = (BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER, BLKIF_OP_FLUSH_DISKCACHE)
+
+
+def discard_granularity(disk):
+    """The disk's cluster size when it is a power of two in range."""
+    size = getattr(disk, "cluster_size", None) or DISCARD_GRANULARITY
+    if size & (size - 1) or not \
+            DISCARD_GRANULARITY <= size <= MAX_DISCARD_GRANULARITY:
+        return DISCARD_GRANULARITY
+    return size
 
 
 class Rejected(Exception):
@@ -122,6 +136,7 @@ class Dispatcher:
         self.readonly = readonly or disk.readonly
         self.can_discard = disk.can_trim and not self.readonly
         self.can_secure_discard = self.can_discard and disk.can_zero
+        self.discard_granularity = discard_granularity(disk)
         self.max_indirect = max_indirect
         self.nworkers = workers
         self.waiting = 0.0      # average time a driver call waited
@@ -436,7 +451,7 @@ class Dispatcher:
         if req.secure:      # the data must not be readable afterwards
             self.disk.zero(req.length, req.offset, may_trim=True)
             return
-        g = DISCARD_GRANULARITY
+        g = self.discard_granularity
         start = -(-req.offset // g) * g
         end = (req.offset + req.length) // g * g
         if end > start:

@@ -46,8 +46,7 @@ from .abi import (MAX_RING_PAGE_ORDER, PROTOCOL_DEFAULT, PROTOCOLS,
                   XenbusStateConnected, XenbusStateInitialised,
                   XenbusStateInitialising, XenbusStateInitWait,
                   XenbusStateUnknown)
-from .dispatch import (DEFAULT_WORKERS, DISCARD_GRANULARITY,
-                       MAX_INDIRECT_SEGMENTS, Dispatcher)
+from .dispatch import DEFAULT_WORKERS, MAX_INDIRECT_SEGMENTS, Dispatcher
 from .ring import RingOverrun
 
 log = logging.getLogger("tapbridge")
@@ -282,7 +281,7 @@ class Device:
             f"{p}/feature-barrier": 1,
             f"{p}/feature-persistent": int(self.backend.persistent),
             f"{p}/feature-discard": int(dispatcher.can_discard),
-            f"{p}/discard-granularity": DISCARD_GRANULARITY,
+            f"{p}/discard-granularity": dispatcher.discard_granularity,
             f"{p}/discard-alignment": 0,
             f"{p}/discard-secure": int(dispatcher.can_secure_discard),
             f"{p}/sectors": disk.size // abi.SECTOR_SIZE,
@@ -352,8 +351,17 @@ class VbdBackend:
         try:
             while not self._stop.is_set():
                 event = self.xs.next_event(0.5)
-                if event is not None:
-                    self.handle(*event)
+                # Events come in bursts (libxl writes a device's keys one
+                # by one, a guest its own): take every one queued, then
+                # look at each device they touch once.
+                paths = []
+                while event is not None:
+                    for path in self.devices_of(*event):
+                        if path not in paths:
+                            paths.append(path)
+                    event = self.xs.next_event(0)
+                for path in paths:
+                    self.update(path)
         finally:
             for device in self.devices.values():
                 if not device.retired:
@@ -362,20 +370,16 @@ class VbdBackend:
     def stop(self):
         self._stop.set()
 
-    def handle(self, path, token):
+    def devices_of(self, path, token):
+        """The device directories a watch event may concern."""
         if token != self.root:          # a frontend's state: token is ours
-            if token in self.devices:
-                self.update(token)
-            return
+            return [token] if token in self.devices else []
         parts = path[len(self.root):].strip("/").split("/")
         if len(parts) >= 2:
-            self.update(f"{self.root}/{parts[0]}/{parts[1]}")
-        else:                           # a domain's or every device dir
-            for fe in self.xs.list(self.root):
-                for devid in self.xs.list(f"{self.root}/{fe}"):
-                    self.update(f"{self.root}/{fe}/{devid}")
-            for gone in set(self.devices) - self._existing():
-                self.update(gone)
+            return [f"{self.root}/{parts[0]}/{parts[1]}"]
+        # A domain's or every device directory.
+        existing = self._existing()
+        return sorted(existing) + sorted(set(self.devices) - existing)
 
     def _existing(self):
         return {f"{self.root}/{fe}/{devid}"

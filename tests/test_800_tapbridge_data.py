@@ -570,3 +570,26 @@ def test_persistent_grants_stay_mapped_bounded_and_unmapped_at_close(
         assert transport.unmaps == 0
     assert transport.unmaps == 6
     disk.close()
+
+
+def test_discard_in_whole_clusters_of_the_image(tmp_path):
+    """A qcow2 image's discards trim whole 64 KiB clusters (its
+    discard-granularity); the parts of clusters keep their data."""
+    path = str(tmp_path / "disk.qcow2")
+    run(["qemu-img", "create", "-q", "-f", "qcow2", path, "16M"])
+    run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x3c 0 256k", path])
+    shm = ShmDir(tmp_path / "shm", 8)
+    fe = Frontend(shm)
+    disk = open_image(path, "qcow2", readonly=False)
+    with dispatcher_thread(shm, disk) as d:
+        assert d.discard_granularity == 65536
+        fe.discard(1, 64, 256)          # bytes 32 KiB .. 160 KiB
+        fe.push()
+        assert fe.get(1) == [(1, BLKIF_OP_DISCARD, OK)]
+    disk.close()
+    run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", path,
+         str(tmp_path / "out.raw")])
+    data = image_bytes(tmp_path / "out.raw")[:256 << 10]
+    assert data[:64 << 10] == b"\x3c" * (64 << 10)
+    assert data[64 << 10:128 << 10] == bytes(64 << 10)
+    assert data[128 << 10:] == b"\x3c" * (128 << 10)

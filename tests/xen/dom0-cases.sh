@@ -181,15 +181,23 @@ phase_tapbridge() {
     domu domu-b "xt.stream=xvda:0x5eed" \
         "vdev=xvda,access=rw,$tb,target=qcow2:$W/stream.qcow2" ||
         { fail tapbridge-destroy "domu-b did not start"; return; }
-    domu domu-a "xt.md5=xvda,xvdb,xvdc,xvdd,xvde xt.plan=xvda:11,xvdb:12,xvdc:13,xvdd:14 xt.ro=xvde" \
+    # A's blkfront asks for rings of 4 pages (its default is 1).
+    domu domu-a "xt.blkfront=max_ring_page_order=2 xt.md5=xvda,xvdb,xvdc,xvdd,xvde xt.plan=xvda:11,xvdb:12,xvdc:13,xvdd:14 xt.ro=xvde" \
         "vdev=xvda,access=rw,$tb,target=raw:$W/raw.img" \
         "vdev=xvdb,access=rw,$tb,target=qcow2:$W/qcow2.qcow2" \
         "vdev=xvdc,access=rw,$tb,target=vmdk:$W/vmdk.vmdk" \
         "vdev=xvdd,access=rw,$tb,target=vhd:$W/vhd.vhd" \
         "vdev=xvde,access=ro,$tb,target=qcow2:$W/ro.qcow2" ||
         { fail tapbridge-formats "domu-a did not start"; timeout 30 xl destroy domu-b; return; }
+    domid_a=$(xl domid domu-a)
     destroy_case
     wait_domu domu-a 300
+    rings=$(grep -c "vbd/$domid_a/.*: connected .*, 4 ring pages" $W/tapbridge.log)
+    if [ "$rings" = 5 ]; then
+        pass tapbridge-ring-pages "domu-a's 5 rings of 4 pages each (blkfront max_ring_page_order=2)"
+    else
+        fail tapbridge-ring-pages "$rings of domu-a's 5 rings had 4 pages"
+    fi
     if [ "${BOTH:-}" = yes ]; then
         pass tapbridge-two-domus "domu-a and domu-b served at once, each its image (cases above and below)"
     else
@@ -284,23 +292,33 @@ phase_blkback() {
     loop=$(losetup -f)
     losetup $loop $W/bench.raw
     nb="backendtype=phy,script=block-nbdplug"
+    # Each block-nbdplug add starts nbdplug and nbdkit (Python, seconds
+    # each here): one at a time, within libxl's 40 s, the first with the
+    # domU and the others attached to it while it waits for them.
     domu domu-d "xt.md5=xvda,xvdb,xvdc,xvdd xt.plan=xvda:21,xvdb:22,xvdc:23,xvdd:24 xt.bench=xvde:blkback $BENCH" \
         "vdev=xvda,access=rw,$nb,target=raw:$W/nbd-raw.img" \
-        "vdev=xvdb,access=rw,$nb,target=qcow2:$W/nbd-qcow2.qcow2" \
-        "vdev=xvdc,access=rw,$nb,target=vmdk:$W/nbd-vmdk.vmdk" \
-        "vdev=xvdd,access=rw,$nb,target=vhd:$W/nbd-vhd.vhd" \
         "phy:$loop,xvde,w" ||
         { fail block-nbdplug "domu-d did not start"; losetup -d $loop; return; }
+    for x in xvdb:qcow2:qcow2.qcow2 xvdc:vmdk:vmdk.vmdk xvdd:vhd:vhd.vhd; do
+        set -- $(echo $x | tr : ' ')
+        timeout 60 xl block-attach domu-d \
+            "vdev=$1,access=rw,$nb,target=$2:$W/nbd-$3" ||
+            echo "  xl block-attach $1 failed"
+        T "block-nbdplug $2 attached"
+    done
     wait_domu domu-d 300
     losetup -d $loop
-    # xl ran block-nbdplug remove: every device detached again.
-    attached=$(in_host "$TREE/.venv/bin/nbdplug" list 2>&1 | grep -c /dev/)
+    # xl runs block-nbdplug remove once the domain is gone: every device
+    # detached again, and nbdkit no longer holds the images.
+    attached() { in_host "$TREE/.venv/bin/nbdplug" list 2>&1 | grep -c /dev/; }
+    detached() { [ "$(attached)" = 0 ]; }
+    until_true 120 detached
+    attached=$(attached)
+    T "block-nbdplug devices detached"
     for x in raw.img:raw:xvda:21 qcow2.qcow2:qcow2:xvdb:22 \
              vmdk.vmdk:vmdk:xvdc:23 vhd.vhd:vpc:xvdd:24; do
-        IFS=: read -r img fmt vdev seed <<EOF
-$x
-EOF
-        plan_case block-nbdplug-$fmt domu-d $vdev $W/nbd-$img $fmt $seed
+        set -- $(echo $x | tr : ' ')
+        plan_case block-nbdplug-$2 domu-d $3 $W/nbd-$1 $2 $4
     done
     [ "$attached" = 0 ] || fail block-nbdplug-detach "$attached devices still attached"
     said domu-d bench | sed 's/^/BENCH /'

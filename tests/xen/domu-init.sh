@@ -3,7 +3,8 @@
 # with busybox, xen-blkfront.ko and xtool).  It cannot see dom0's files:
 # what to do comes on the kernel command line (xl's extra=), what it saw
 # goes to its console as "DOMU ..." lines, which dom0 reads from
-# xenconsoled's log.  Steps, each optional, in this order:
+# xenconsoled's log.  xt.blkfront=PARAM=VALUE,... are blkfront's module
+# parameters.  Steps, each optional, in this order:
 #   xt.md5=xvda,xvdb       md5sum of each whole disk
 #   xt.plan=xvda:SEED,...  xtool apply (patterned O_DIRECT writes, a discard)
 #   xt.ro=xvdc             xtool readonly (writes must fail)
@@ -19,13 +20,15 @@ mount -t devtmpfs dev /dev
 arg() { sed -n "s/.*xt\.$1=\([^ ]*\).*/\1/p" /proc/cmdline | tr , ' '; }
 say() { echo "DOMU $*"; }
 MD5=$(arg md5) PLAN=$(arg plan) RO=$(arg ro) STREAM=$(arg stream)
+BLKFRONT=$(arg blkfront)
 BENCH=$(arg bench) SECONDS_EACH=$(arg secs) ROUNDS=$(arg rounds)
 
-# wait_disks VDEV...: the block devices, within 30 s.
+# wait_disks VDEV...: the block devices, each within 60 s of the last
+# (dom0 may attach them one by one).
 wait_disks() {
     for d in "$@"; do
         i=0
-        while [ ! -b "/dev/$d" ] && [ $i -lt 300 ]; do
+        while [ ! -b "/dev/$d" ] && [ $i -lt 600 ]; do
             sleep 0.1
             i=$((i + 1))
         done
@@ -41,7 +44,7 @@ features() {
         while read -r line; do say "blkfront $line"; done
 }
 
-insmod /lib/modules/xen-blkfront.ko
+insmod /lib/modules/xen-blkfront.ko $BLKFRONT
 wait_disks $MD5 $(vdevs $PLAN) $RO $(vdevs $STREAM) $(vdevs $BENCH)
 features
 

@@ -17,7 +17,9 @@ devices xl gives to the block-tapbridge hotplug script.
   is Initialised (or already Connected), we read its ring-ref(s),
   event-channel and protocol, map the ring, write sectors, info and the
   features in one transaction with state Connected, and serve the ring
-  on a Dispatcher thread.
+  on a Dispatcher thread.  A frontend that took up multi-queue has a
+  ring and an event channel per queue (queue-N/), each served by its own
+  Dispatcher on the one image.
 - Frontend Closing -> Closing; frontend Closed -> disconnect, Closed,
   and forget the device if online is 0 (the toolstack is removing it);
   a frontend that returns to Initialising after Closed (a guest reboot)
@@ -52,6 +54,9 @@ from .ring import RingOverrun
 log = logging.getLogger("tapbridge")
 
 SCRIPT = "block-tapbridge"      # the devices we serve name this script
+# Rings a frontend may use per device (multi-queue-max-queues), as blkback
+# one per CPU of ours, and no more than this.
+MAX_QUEUES = 4
 COMMIT_ATTEMPTS = 20
 _REQUIRED = object()
 
@@ -137,7 +142,7 @@ class Device:
         self.disk = None            # the image, once the script named it
         self.readonly = True
         self.open_error = None      # why it would not open
-        self.serving = None         # (dispatcher, thread, transport)
+        self.serving = []           # (dispatcher, thread, transport)s
 
     def key(self, name):
         return self.xs.read(f"{self.path}/{name}")
@@ -206,6 +211,7 @@ class Device:
             f"{self.path}/feature-max-indirect-segments":
                 MAX_INDIRECT_SEGMENTS,
             f"{self.path}/max-ring-page-order": MAX_RING_PAGE_ORDER,
+            f"{self.path}/multi-queue-max-queues": self.backend.max_queues,
             f"{self.path}/state": XenbusStateInitWait})
         self.state = XenbusStateInitWait
 
@@ -241,10 +247,15 @@ class Device:
                               f"{MAX_RING_PAGE_ORDER}")
         else:
             names = [f"ring-ref{i}" for i in range(1 << order)]
-        if self.guest_int(f"{fe}/multi-queue-num-queues", 1) != 1:
-            raise DeviceError("multi-queue was not offered")
-        refs = [self.guest_int(f"{fe}/{name}") for name in names]
-        port = self.guest_int(f"{fe}/event-channel")
+        nqueues = self.guest_int(f"{fe}/multi-queue-num-queues", 1)
+        if not 1 <= nqueues <= self.backend.max_queues:
+            raise DeviceError(f"multi-queue-num-queues {nqueues}: "
+                              f"{self.backend.max_queues} were offered")
+        queues = [fe] if nqueues == 1 else \
+            [f"{fe}/queue-{i}" for i in range(nqueues)]
+        # Every ring's keys first: nothing is mapped for a bad frontend.
+        rings = [([self.guest_int(f"{q}/{name}") for name in names],
+                  self.guest_int(f"{q}/event-channel")) for q in queues]
         # Both ends must offer persistent grants for them to be used.
         persistent = self.backend.persistent and \
             self.guest_int(f"{fe}/feature-persistent", 0) == 1
@@ -259,19 +270,14 @@ class Device:
         if disk is None:
             raise DeviceError(self.open_error or "no image: the hotplug "
                               "script named none")
-        transport = self.backend.transport_factory(domid, refs, order, port,
-                                                   persistent=persistent)
         try:
-            dispatcher = Dispatcher(disk, transport, PROTOCOLS[proto],
-                                    readonly=readonly,
-                                    workers=self.backend.workers)
+            for refs, port in rings:
+                self._serve_ring(domid, refs, order, port, persistent,
+                                 PROTOCOLS[proto])
         except BaseException:
-            transport.close()
+            self.disconnect()
             raise
-        thread = threading.Thread(target=self._serve, args=(dispatcher,),
-                                  name=f"tapbridge {self.path}", daemon=True)
-        self.serving = (dispatcher, thread, transport)
-        thread.start()
+        dispatcher = self.serving[0][0]
         info = (VDISK_READONLY if readonly else 0) | \
             (VDISK_CDROM if self.key("device-type") == "cdrom" else 0) | \
             (VDISK_REMOVABLE if self.key("removable") == "1" else 0)
@@ -290,10 +296,26 @@ class Device:
             f"{p}/info": info,
             f"{p}/state": XenbusStateConnected})
         self.state = XenbusStateConnected
-        log.info("%s: connected to domain %d (%s, %d ring pages%s) serving "
-                 "%s", self.path, domid, proto, 1 << order,
+        log.info("%s: connected to domain %d (%s, %s%d ring pages%s) "
+                 "serving %s", self.path, domid, proto,
+                 f"{nqueues} queues of " if nqueues > 1 else "", 1 << order,
                  ", persistent grants" if persistent else "",
                  self.key("physical-device-path"))
+
+    def _serve_ring(self, domid, refs, order, port, persistent, protocol):
+        transport = self.backend.transport_factory(domid, refs, order, port,
+                                                   persistent=persistent)
+        try:
+            dispatcher = Dispatcher(self.disk, transport, protocol,
+                                    readonly=self.readonly,
+                                    workers=self.backend.workers)
+        except BaseException:
+            transport.close()
+            raise
+        thread = threading.Thread(target=self._serve, args=(dispatcher,),
+                                  name=f"tapbridge {self.path}", daemon=True)
+        self.serving.append((dispatcher, thread, transport))
+        thread.start()
 
     def _serve(self, dispatcher):
         try:
@@ -302,15 +324,17 @@ class Device:
             log.error("%s: %s; ring halted", self.path, e)
 
     def disconnect(self):
-        if self.serving is None:
+        if not self.serving:
             return
-        dispatcher, thread, transport = self.serving
-        self.serving = None
-        dispatcher.stop()
-        thread.join()
-        dispatcher.close()
-        grants = len(getattr(transport, "grants", None) or ())
-        transport.close()
+        serving, self.serving = self.serving, []
+        for dispatcher, _, _ in serving:
+            dispatcher.stop()
+        grants = 0
+        for dispatcher, thread, transport in serving:
+            thread.join()
+            dispatcher.close()
+            grants += len(getattr(transport, "grants", None) or ())
+            transport.close()
         log.info("%s: disconnected, %d persistent grants unmapped",
                  self.path, grants)
 
@@ -336,11 +360,13 @@ class VbdBackend:
     """Every block-tapbridge vbd of domain `domid`, until stop()."""
 
     def __init__(self, xs, transport_factory, domid=0,
-                 workers=DEFAULT_WORKERS, persistent=True):
+                 workers=DEFAULT_WORKERS, persistent=True,
+                 max_queues=min(MAX_QUEUES, os.cpu_count() or 1)):
         self.xs = xs
         self.transport_factory = transport_factory
         self.workers = workers
         self.persistent = persistent    # offer feature-persistent
+        self.max_queues = max_queues
         self.root = f"/local/domain/{domid}/backend/vbd"
         self.devices = {}
         self._stop = threading.Event()

@@ -285,7 +285,7 @@ def vbd_backend(xs, transport_factory):
     xenstore, with `transport_factory` standing in for the hypervisor."""
     from tapbridge.vbd import VbdBackend, Xenstore
     store = Xenstore(xs.path)
-    vbd = VbdBackend(store, transport_factory)
+    vbd = VbdBackend(store, transport_factory, max_queues=2)
     try:
         with in_thread(vbd.run, vbd.stop):
             yield vbd

@@ -163,6 +163,8 @@ released() { # DOMID
     ! lsevtchn 0 2>/dev/null |
         grep -q "Interdomain (Connected) - Remote Domain $1,"
 }
+# libxl saw the device close and removed it.
+backend_gone() { ! xenstore-exists /local/domain/0/backend/vbd/$1; }
 # Nothing of any guest left in the daemon: no gntdev or evtchn open.
 daemon_clean() {
     ! ls -l /proc/$TAPBRIDGE/fd 2>/dev/null | grep -q "/dev/xen/" &&
@@ -267,13 +269,15 @@ destroy_case() {
         fail $c "domain $domid not released: $(xl list | tail -n +2 | tr '\n' ';') $(lsevtchn 0 | grep "Domain $domid," | tr '\n' ';')"
     elif ! until_true 30 grep -q "vbd/$domid/51712: disconnected" $W/tapbridge.log; then
         fail $c "tapbridge did not disconnect"; log_tail $W/tapbridge.log
+    elif ! until_true 30 backend_gone $domid; then
+        fail $c "libxl did not remove the backend: $(xenstore-ls /local/domain/0/backend/vbd/$domid | tr '\n' ';')"
     elif ! out=$(check_image $W/stream.qcow2 qcow2 2>&1); then
         fail $c "qemu-img check: $out"
     elif ! in_host qemu-img convert -O raw $W/stream.qcow2 $W/stream.raw ||
          ! out=$($XTOOL streamed $W/stream.raw 0x5eed "$n"); then
         fail $c "$out"
     else
-        pass $c "xl destroy after $n flushed 64 KiB writes; domain gone (no page or event channel held); $(sed -n "s|.*vbd/$domid/51712: disconnected, ||p" $W/tapbridge.log); qemu-img check clean; $out"
+        pass $c "xl destroy after $n flushed 64 KiB writes; domain gone (no page or event channel held), backend closed and removed, $(sed -n "s|.*vbd/$domid/51712: disconnected, ||p" $W/tapbridge.log); qemu-img check clean; $out"
     fi
     md5sum < $W/stream.raw | cut -d' ' -f1 > $W/stream.qcow2.md5
     rm -f $W/stream.raw

@@ -384,6 +384,9 @@ class Dispatcher:
         """Run queued requests until there are none, then publish the
         responses; lock held (released around each call).  `i` names
         the caller's slot in _calls."""
+        # The time the calls waited (wall less CPU time, the whole batch:
+        # the CPU clock costs a system call) goes into the average.
+        wall, cpu, calls = time.perf_counter(), time.thread_time(), 0
         while self._queue:
             req = self._queue.popleft()
             if not self._queue and self.ring.unpublished():
@@ -394,23 +397,19 @@ class Dispatcher:
             self._lock.release()
             try:
                 self._calls[i] = time.monotonic()
-                status = self._timed(req)
+                status = self._execute(req)
             finally:
                 self._calls[i] = 0.0
                 self._lock.acquire()
             self.ring.respond(req.id, req.operation, status)
+            calls += 1
             self._inflight -= 1
             if not self._inflight:
                 self._idle.notify_all()
         self._publish()
-
-    def _timed(self, req):
-        """_execute, adding the time the call waited to the average."""
-        wall, cpu = time.perf_counter(), time.thread_time()
-        status = self._execute(req)
-        waited = time.perf_counter() - wall - (time.thread_time() - cpu)
-        self.waiting += (waited - self.waiting) * WAIT_WEIGHT
-        return status
+        if calls:
+            waited = time.perf_counter() - wall - (time.thread_time() - cpu)
+            self.waiting += (waited / calls - self.waiting) * WAIT_WEIGHT
 
     def _publish(self):
         """Push the responses written so far, and notify the frontend if

@@ -312,6 +312,11 @@ destroy_case() {
 # --- phase blkback ------------------------------------------------------------
 
 phase_blkback() {
+    # Read nbdplug's and nbdkit's files over 9p once, before the first
+    # block-nbdplug add must finish within libxl's 40 s.
+    { in_host "$TREE/.venv/bin/nbdplug" list
+      in_host nbdkit python --dump-plugin; } >/dev/null 2>&1 &
+    warm=$!
     for i in raw.img qcow2.qcow2 vmdk.vmdk vhd.vhd; do
         cp /host$IMAGES/$i $W/nbd-$i
     done
@@ -319,6 +324,7 @@ phase_blkback() {
     # The qcow2 overlay names its backing file relative to itself.
     [ -f $W/bench.raw ] || cp /host$IMAGES/bench.raw $W/
     modprobe xen-blkback || { fail blkback "no xen-blkback"; return; }
+    wait $warm
     loop=$(losetup -f)
     losetup $loop $W/bench.raw
     nb="backendtype=phy,script=block-nbdplug"

@@ -4,21 +4,27 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test test-kernel install demo bench fuzz clean
+.PHONY: setup test test-kernel test-xen install demo bench fuzz clean
 
 setup:
 	@./tools/setup.sh
 
 # The host tests, a short seeded round of the differential fuzzer (no
-# case may show a bad class), then the kernel lane.
+# case may show a bad class), then the kernel lane, then the Xen lane.
 test: setup
 	$(PY) -m pytest -q
 	$(PY) tools/fuzz --seed 1 --cases 300 --formats qcow2 --strict
 	./tools/kernel-lane.sh
+	./tools/xen-lane.sh
 
 # The tests marked kernel, inside Debian's stock kernel under QEMU.
 test-kernel: setup
 	./tools/kernel-lane.sh
+
+# Real Xen 4.17 under QEMU: tapbridge, block-nbdplug, blkback and qdisk
+# serving PV domUs (README.rst, "The Xen lane").
+test-xen: setup
+	./tools/xen-lane.sh
 
 # The commands into /usr/local/bin (linked to the venv), udev rules that
 # keep automounters and blkid away from our devices, the Xen hotplug

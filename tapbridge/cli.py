@@ -2,7 +2,9 @@
 
     tapbridge serve-shm DIR IMAGE [-f FMT] [--order N]
         [--protocol x86_64-abi|x86_32-abi] [--readonly] [--workers N]
+        [--persistent]
     tapbridge serve-xen [--domid N] [--xenstore SOCKET] [--workers N]
+        [--no-persistent]
 
 A user error prints one line and exits 2; a frontend that overruns its
 ring stops that ring with one line and exit status 1; SIGTERM finishes the
@@ -32,7 +34,8 @@ def cmd_serve_shm(args):
                          f"{MAX_RING_PAGE_ORDER}")
     protocol = PROTOCOLS[args.protocol]
     with open_image(args.image, args.format, readonly=args.readonly) as disk:
-        transport = ShmTransport(args.dir, args.order)
+        transport = ShmTransport(args.dir, args.order,
+                                 persistent=args.persistent)
         try:
             dispatcher = Dispatcher(disk, transport, protocol,
                                     readonly=args.readonly,
@@ -72,7 +75,8 @@ def cmd_serve_xen(args):
     except pyxs.PyXSError as e:
         raise UsageError(f"cannot reach xenstored: {e}") from None
     backend = VbdBackend(xs, XenTransport, domid=args.domid,
-                         workers=args.workers)
+                         workers=args.workers,
+                         persistent=not args.no_persistent)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: backend.stop())
     try:
@@ -89,6 +93,8 @@ def _args_serve_xen(p):
                    "/var/run/xenstored/socket)")
     p.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
                    help="threads calling the image driver, per device")
+    p.add_argument("--no-persistent", action="store_true",
+                   help="do not offer persistent grants (feature-persistent)")
 
 
 def _args_serve_shm(p):
@@ -100,6 +106,8 @@ def _args_serve_shm(p):
     p.add_argument("--readonly", "-r", action="store_true")
     p.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
                    help="threads calling the image driver")
+    p.add_argument("--persistent", action="store_true",
+                   help="keep data pages mapped, as for persistent grants")
     p.add_argument("dir")
     p.add_argument("image")
 
@@ -107,9 +115,11 @@ def _args_serve_shm(p):
 VERBS = [
     ("serve-shm", cmd_serve_shm, _args_serve_shm,
      "serve-shm DIR IMAGE [-f FMT] [--order N] "
-     "[--protocol x86_64-abi|x86_32-abi] [--readonly] [--workers N]"),
+     "[--protocol x86_64-abi|x86_32-abi] [--readonly] [--workers N] "
+     "[--persistent]"),
     ("serve-xen", cmd_serve_xen, _args_serve_xen,
-     "serve-xen [--domid N] [--xenstore SOCKET] [--workers N]"),
+     "serve-xen [--domid N] [--xenstore SOCKET] [--workers N] "
+     "[--no-persistent]"),
 ]
 
 

@@ -123,6 +123,10 @@ class BackRing:
                             *values)
         self.rsp_prod_pvt = (self.rsp_prod_pvt + 1) & RING_IDX_MASK
 
+    def unpublished(self):
+        """Responses written since the last push()."""
+        return self.rsp_prod_pvt != self._idx[_RSP_PROD]
+
     def push(self):
         """RING_PUSH_RESPONSES_AND_CHECK_NOTIFY: publish the responses
         written so far; True if the frontend asked to be notified of one

@@ -10,6 +10,10 @@
 The backend creates the FIFOs when absent.  Both files are mapped shared;
 the frontend must not shrink them while the backend runs (a page that
 vanishes under a mapping would kill the backend with SIGBUS).
+
+With `persistent`, data pages go through grants.PersistentGrants as in
+the Xen transport, a "mapping" being a view of the page: what the tests
+use to exercise persistent grants without a hypervisor.
 """
 
 import mmap
@@ -19,6 +23,7 @@ import stat
 from nbdplug.errors import UsageError
 
 from .abi import PAGE_SIZE, SECTOR_SIZE
+from .grants import PersistentGrants
 from .transport import BadGrant, GuestBuffer
 
 RING, GRANTS = "ring", "grants"
@@ -34,8 +39,11 @@ def make_fifo(path):
 
 
 class ShmTransport:
-    def __init__(self, directory, order):
+    def __init__(self, directory, order, persistent=False):
         self.directory = directory
+        self.grants = PersistentGrants(self._map_page, self._unmap_page) \
+            if persistent else None
+        self.maps = self.unmaps = 0
         self.ring = self._map(RING, PAGE_SIZE << order)
         self._grant_map = self._map(GRANTS, None)
         self._grants = memoryview(self._grant_map or b"")
@@ -86,11 +94,28 @@ class ShmTransport:
                            "granted pages")
         return gref * PAGE_SIZE
 
+    def _map_page(self, gref):
+        off = self._page_offset(gref)
+        self.maps += 1
+        return self._grants[off:off + PAGE_SIZE], None
+
+    def _unmap_page(self, page, handle):
+        page.release()
+        self.unmaps += 1
+
     def page(self, gref):
+        if self.grants is not None:
+            page = self.grants.page(gref)
+            if page is not None:
+                return bytes(page)
         off = self._page_offset(gref)
         return bytes(self._grants[off:off + PAGE_SIZE])
 
     def buffer(self, segments, to_guest):
+        if self.grants is not None:
+            buf = self.grants.buffer(segments, to_guest)
+            if buf is not None:
+                return buf
         spans = []      # [offset in grants, length], adjacent ones merged
         for gref, first, last in segments:
             start = self._page_offset(gref) + first * SECTOR_SIZE
@@ -118,6 +143,8 @@ class ShmTransport:
         return GuestBuffer(view)
 
     def close(self):
+        if self.grants is not None:
+            self.grants.close()
         os.close(self._kick_in)
         os.close(self._kick_out)
         self._grants.release()

@@ -7,12 +7,19 @@ devices xl gives to the block-tapbridge hotplug script.
 - A new device is probed at once: the features known before opening the
   image are written and the state goes to InitWait, which libxl waits for
   before it runs the hotplug script.
-- When the hotplug script said hotplug-status=connected (having written
-  the image's physical-device-path and tapbridge-format) and the frontend
+- The hotplug script resolves xl's target into physical-device-path and
+  tapbridge-format; we open the image then (as blkback opens its block
+  device when physical-device appears) and answer in tapbridge-status,
+  "opened" or "error" with tapbridge-error, which the script waits for:
+  so a bad image fails `xl create` with its reason, and no Python starts
+  per disk.  The image stays open until the device goes.
+- When the hotplug script said hotplug-status=connected and the frontend
   is Initialised (or already Connected), we read its ring-ref(s),
-  event-channel and protocol, open the image, map the ring, write
-  sectors, info and the features in one transaction with state
-  Connected, and serve the ring on a Dispatcher thread.
+  event-channel and protocol, map the ring, write sectors, info and the
+  features in one transaction with state Connected, and serve the ring
+  on a Dispatcher thread.  A frontend that took up multi-queue has a
+  ring and an event channel per queue (queue-N/), each served by its own
+  Dispatcher on the one image.
 - Frontend Closing -> Closing; frontend Closed -> disconnect, Closed,
   and forget the device if online is 0 (the toolstack is removing it);
   a frontend that returns to Initialising after Closed (a guest reboot)
@@ -31,7 +38,7 @@ import threading
 
 import pyxs
 
-from nbdplug.errors import ImageError
+from nbdplug.errors import ImageError, UsageError
 from nbdplug.opener import open_image
 
 from . import abi
@@ -41,13 +48,15 @@ from .abi import (MAX_RING_PAGE_ORDER, PROTOCOL_DEFAULT, PROTOCOLS,
                   XenbusStateConnected, XenbusStateInitialised,
                   XenbusStateInitialising, XenbusStateInitWait,
                   XenbusStateUnknown)
-from .dispatch import (DEFAULT_WORKERS, DISCARD_GRANULARITY,
-                       MAX_INDIRECT_SEGMENTS, Dispatcher)
+from .dispatch import DEFAULT_WORKERS, MAX_INDIRECT_SEGMENTS, Dispatcher
 from .ring import RingOverrun
 
 log = logging.getLogger("tapbridge")
 
 SCRIPT = "block-tapbridge"      # the devices we serve name this script
+# Rings a frontend may use per device (multi-queue-max-queues), as blkback
+# one per CPU of ours, and no more than this.
+MAX_QUEUES = 4
 COMMIT_ATTEMPTS = 20
 _REQUIRED = object()
 
@@ -130,7 +139,10 @@ class Device:
         self.state = None           # what we last wrote to state
         self.frontend = None        # the frontend directory we watch
         self.retired = False        # closed for good; wait for rm
-        self.serving = None         # (dispatcher, thread, transport, disk)
+        self.disk = None            # the image, once the script named it
+        self.readonly = True
+        self.open_error = None      # why it would not open
+        self.serving = []           # (dispatcher, thread, transport)s
 
     def key(self, name):
         return self.xs.read(f"{self.path}/{name}")
@@ -163,6 +175,9 @@ class Device:
                 self.xs.watch(f"{self.frontend}/state", self.path)
         if self.state is None:
             self.probe()
+        if self.disk is None and self.open_error is None and \
+                self.key("physical-device-path") is not None:
+            self.open()
         fe_state = XenbusStateUnknown
         if self.frontend:
             try:    # as xenbus_read_driver_state: garbage is Unknown
@@ -196,8 +211,24 @@ class Device:
             f"{self.path}/feature-max-indirect-segments":
                 MAX_INDIRECT_SEGMENTS,
             f"{self.path}/max-ring-page-order": MAX_RING_PAGE_ORDER,
+            f"{self.path}/multi-queue-max-queues": self.backend.max_queues,
             f"{self.path}/state": XenbusStateInitWait})
         self.state = XenbusStateInitWait
+
+    def open(self):
+        """Open the image the hotplug script named; tell it how that went."""
+        path = self.key("physical-device-path")
+        fmt = self.key("tapbridge-format") or None
+        self.readonly = self.key("mode") != "w"
+        try:
+            self.disk = open_image(path, fmt, readonly=self.readonly)
+        except (ImageError, UsageError, OSError) as e:
+            self.open_error = str(e)
+            log.error("%s: %s", self.path, e)
+            self.xs.write_all({f"{self.path}/tapbridge-error": e,
+                               f"{self.path}/tapbridge-status": "error"})
+            return
+        self.xs.write(f"{self.path}/tapbridge-status", "opened")
 
     def connect(self):
         try:
@@ -216,10 +247,18 @@ class Device:
                               f"{MAX_RING_PAGE_ORDER}")
         else:
             names = [f"ring-ref{i}" for i in range(1 << order)]
-        if self.guest_int(f"{fe}/multi-queue-num-queues", 1) != 1:
-            raise DeviceError("multi-queue was not offered")
-        refs = [self.guest_int(f"{fe}/{name}") for name in names]
-        port = self.guest_int(f"{fe}/event-channel")
+        nqueues = self.guest_int(f"{fe}/multi-queue-num-queues", 1)
+        if not 1 <= nqueues <= self.backend.max_queues:
+            raise DeviceError(f"multi-queue-num-queues {nqueues}: "
+                              f"{self.backend.max_queues} were offered")
+        queues = [fe] if nqueues == 1 else \
+            [f"{fe}/queue-{i}" for i in range(nqueues)]
+        # Every ring's keys first: nothing is mapped for a bad frontend.
+        rings = [([self.guest_int(f"{q}/{name}") for name in names],
+                  self.guest_int(f"{q}/event-channel")) for q in queues]
+        # Both ends must offer persistent grants for them to be used.
+        persistent = self.backend.persistent and \
+            self.guest_int(f"{fe}/feature-persistent", 0) == 1
         proto = self.xs.read(f"{fe}/protocol")
         if proto is None:
             log.warning("%s: no protocol key, assuming %s", self.path,
@@ -227,28 +266,18 @@ class Device:
             proto = PROTOCOL_DEFAULT
         if proto not in PROTOCOLS:
             raise DeviceError(f"unknown protocol {proto!r}")
-        readonly = self.key("mode") != "w"
-        # The hotplug script resolved xl's target (params) into these.
-        path = self.key("physical-device-path")
-        fmt = self.key("tapbridge-format") or None
-        disk = open_image(path, fmt, readonly=readonly)
+        disk, readonly = self.disk, self.readonly
+        if disk is None:
+            raise DeviceError(self.open_error or "no image: the hotplug "
+                              "script named none")
         try:
-            transport = self.backend.transport_factory(domid, refs, order,
-                                                       port)
-            try:
-                dispatcher = Dispatcher(disk, transport, PROTOCOLS[proto],
-                                        readonly=readonly,
-                                        workers=self.backend.workers)
-            except BaseException:
-                transport.close()
-                raise
+            for refs, port in rings:
+                self._serve_ring(domid, refs, order, port, persistent,
+                                 PROTOCOLS[proto])
         except BaseException:
-            disk.close()
+            self.disconnect()
             raise
-        thread = threading.Thread(target=self._serve, args=(dispatcher,),
-                                  name=f"tapbridge {self.path}", daemon=True)
-        self.serving = (dispatcher, thread, transport, disk)
-        thread.start()
+        dispatcher = self.serving[0][0]
         info = (VDISK_READONLY if readonly else 0) | \
             (VDISK_CDROM if self.key("device-type") == "cdrom" else 0) | \
             (VDISK_REMOVABLE if self.key("removable") == "1" else 0)
@@ -256,9 +285,9 @@ class Device:
         self.xs.write_all({
             f"{p}/feature-flush-cache": 1,
             f"{p}/feature-barrier": 1,
-            f"{p}/feature-persistent": 0,
+            f"{p}/feature-persistent": int(self.backend.persistent),
             f"{p}/feature-discard": int(dispatcher.can_discard),
-            f"{p}/discard-granularity": DISCARD_GRANULARITY,
+            f"{p}/discard-granularity": dispatcher.discard_granularity,
             f"{p}/discard-alignment": 0,
             f"{p}/discard-secure": int(dispatcher.can_secure_discard),
             f"{p}/sectors": disk.size // abi.SECTOR_SIZE,
@@ -267,8 +296,26 @@ class Device:
             f"{p}/info": info,
             f"{p}/state": XenbusStateConnected})
         self.state = XenbusStateConnected
-        log.info("%s: connected to domain %d (%s, %d ring pages) serving %s",
-                 self.path, domid, proto, 1 << order, path)
+        log.info("%s: connected to domain %d (%s, %s%d ring pages%s) "
+                 "serving %s", self.path, domid, proto,
+                 f"{nqueues} queues of " if nqueues > 1 else "", 1 << order,
+                 ", persistent grants" if persistent else "",
+                 self.key("physical-device-path"))
+
+    def _serve_ring(self, domid, refs, order, port, persistent, protocol):
+        transport = self.backend.transport_factory(domid, refs, order, port,
+                                                   persistent=persistent)
+        try:
+            dispatcher = Dispatcher(self.disk, transport, protocol,
+                                    readonly=self.readonly,
+                                    workers=self.backend.workers)
+        except BaseException:
+            transport.close()
+            raise
+        thread = threading.Thread(target=self._serve, args=(dispatcher,),
+                                  name=f"tapbridge {self.path}", daemon=True)
+        self.serving.append((dispatcher, thread, transport))
+        thread.start()
 
     def _serve(self, dispatcher):
         try:
@@ -277,16 +324,19 @@ class Device:
             log.error("%s: %s; ring halted", self.path, e)
 
     def disconnect(self):
-        if self.serving is None:
+        if not self.serving:
             return
-        dispatcher, thread, transport, disk = self.serving
-        self.serving = None
-        dispatcher.stop()
-        thread.join()
-        dispatcher.close()
-        transport.close()
-        disk.close()
-        log.info("%s: disconnected", self.path)
+        serving, self.serving = self.serving, []
+        for dispatcher, _, _ in serving:
+            dispatcher.stop()
+        grants = 0
+        for dispatcher, thread, transport in serving:
+            thread.join()
+            dispatcher.close()
+            grants += len(getattr(transport, "grants", None) or ())
+            transport.close()
+        log.info("%s: disconnected, %d persistent grants unmapped",
+                 self.path, grants)
 
     def fatal(self, message):
         """As xenbus_dev_fatal: say why under error/, then Closing."""
@@ -298,6 +348,9 @@ class Device:
 
     def retire(self):
         self.disconnect()
+        if self.disk is not None:
+            self.disk.close()
+            self.disk = None
         if self.frontend:
             self.xs.unwatch(f"{self.frontend}/state", self.path)
         self.retired = True
@@ -307,42 +360,52 @@ class VbdBackend:
     """Every block-tapbridge vbd of domain `domid`, until stop()."""
 
     def __init__(self, xs, transport_factory, domid=0,
-                 workers=DEFAULT_WORKERS):
+                 workers=DEFAULT_WORKERS, persistent=True,
+                 max_queues=min(MAX_QUEUES, os.cpu_count() or 1)):
         self.xs = xs
         self.transport_factory = transport_factory
         self.workers = workers
+        self.persistent = persistent    # offer feature-persistent
+        self.max_queues = max_queues
         self.root = f"/local/domain/{domid}/backend/vbd"
         self.devices = {}
         self._stop = threading.Event()
 
     def run(self):
         self.xs.watch(self.root, self.root)
+        log.info("watching %s", self.root)
         try:
             while not self._stop.is_set():
                 event = self.xs.next_event(0.5)
-                if event is not None:
-                    self.handle(*event)
+                # Events come in bursts (libxl writes a device's keys one
+                # by one, a guest its own): take every one queued, then
+                # look at each device they touch once.
+                paths = []
+                while event is not None:
+                    for path in self.devices_of(*event):
+                        if path not in paths:
+                            paths.append(path)
+                    event = self.xs.next_event(0)
+                for path in paths:
+                    self.update(path)
         finally:
             for device in self.devices.values():
-                device.disconnect()
+                if not device.retired:
+                    device.retire()
 
     def stop(self):
         self._stop.set()
 
-    def handle(self, path, token):
+    def devices_of(self, path, token):
+        """The device directories a watch event may concern."""
         if token != self.root:          # a frontend's state: token is ours
-            if token in self.devices:
-                self.update(token)
-            return
+            return [token] if token in self.devices else []
         parts = path[len(self.root):].strip("/").split("/")
         if len(parts) >= 2:
-            self.update(f"{self.root}/{parts[0]}/{parts[1]}")
-        else:                           # a domain's or every device dir
-            for fe in self.xs.list(self.root):
-                for devid in self.xs.list(f"{self.root}/{fe}"):
-                    self.update(f"{self.root}/{fe}/{devid}")
-            for gone in set(self.devices) - self._existing():
-                self.update(gone)
+            return [f"{self.root}/{parts[0]}/{parts[1]}"]
+        # A domain's or every device directory.
+        existing = self._existing()
+        return sorted(existing) + sorted(set(self.devices) - existing)
 
     def _existing(self):
         return {f"{self.root}/{fe}/{devid}"

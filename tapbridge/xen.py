@@ -4,8 +4,11 @@
 - The ring pages are grant-mapped, contiguously in ring-ref order.
 - Data moves by grant copy, as tapdisk3 and QEMU do: a write's segments
   are copied from the guest before the driver call, a read's are copied
-  to the guest only after it succeeded.  No mapping state and no
-  persistent grants (we advertise feature-persistent=0).
+  to the guest only after it succeeded.
+- With persistent grants (both ends offered feature-persistent) each
+  data page is instead mapped once, on first use, and kept mapped for
+  the life of the ring (grants.py); past grants.MAX_GRANTS, requests
+  take the grant-copy path.
 - Events: bind the frontend's port (the ioctl returns our local port);
   the kernel masks a port when it fires, so clear_kicks() reads the
   pending ports and writes each back to unmask it before the ring is
@@ -27,6 +30,7 @@ from .abi import (EVTCHN_BIND_INTERDOMAIN, EVTCHN_PORT, GNTCOPY_dest_gref,
                   IOCTL_EVTCHN_UNBIND, IOCTL_GNTDEV_GRANT_COPY,
                   IOCTL_GNTDEV_MAP_GRANT_REF, IOCTL_GNTDEV_UNMAP_GRANT_REF,
                   PAGE_SIZE, SECTOR_SIZE)
+from .grants import PersistentGrants
 from .transport import BadGrant, GuestBuffer
 
 GNTDEV = "/dev/xen/gntdev"
@@ -80,13 +84,15 @@ def port_request(port):
 # --- the transport -----------------------------------------------------------
 
 class XenTransport:
-    def __init__(self, domid, refs, order, remote_port):
+    def __init__(self, domid, refs, order, remote_port, persistent=False):
         if len(refs) != 1 << order:
             raise ValueError(f"{len(refs)} ring refs for order {order}")
         self.domid = domid
         self._gntdev = os.open(GNTDEV, os.O_RDWR | os.O_CLOEXEC)
         self._evtchn = None
         self.ring = None
+        self.grants = PersistentGrants(self._map_page, self._unmap_page) \
+            if persistent else None
         try:
             req = map_grant_ref_request(domid, refs)
             fcntl.ioctl(self._gntdev, IOCTL_GNTDEV_MAP_GRANT_REF, req)
@@ -139,12 +145,37 @@ class XenTransport:
                 raise BadGrant(f"grant copy of grant {gref} failed with "
                                f"status {status}")
 
+    def _map_page(self, gref):
+        """Map one granted page writable: (mmap, gntdev index)."""
+        req = map_grant_ref_request(self.domid, [gref])
+        fcntl.ioctl(self._gntdev, IOCTL_GNTDEV_MAP_GRANT_REF, req)
+        index = GNTDEV_MAP_GRANT_REF.unpack_from(req).index
+        try:    # the hypervisor maps it here, or refuses the grant
+            return mmap.mmap(self._gntdev, PAGE_SIZE, offset=index), index
+        except OSError as e:
+            fcntl.ioctl(self._gntdev, IOCTL_GNTDEV_UNMAP_GRANT_REF,
+                        unmap_grant_ref_request(index, 1))
+            raise BadGrant(f"grant {gref} will not map: {e}") from None
+
+    def _unmap_page(self, page, index):
+        page.close()            # munmap first, then unmap the grant
+        fcntl.ioctl(self._gntdev, IOCTL_GNTDEV_UNMAP_GRANT_REF,
+                    unmap_grant_ref_request(index, 1))
+
     def page(self, gref):
+        if self.grants is not None:
+            page = self.grants.page(gref)
+            if page is not None:
+                return bytes(page)
         local = ctypes.create_string_buffer(PAGE_SIZE)
         self._copy(local, [(gref, 0, PAGE_SIZE)], to_guest=False)
         return local.raw
 
     def buffer(self, segments, to_guest):
+        if self.grants is not None:
+            buf = self.grants.buffer(segments, to_guest)
+            if buf is not None:
+                return buf
         spans = [(gref, first * SECTOR_SIZE, (last - first + 1) * SECTOR_SIZE)
                  for gref, first, last in segments]
         local = ctypes.create_string_buffer(sum(n for _, _, n in spans))
@@ -155,6 +186,9 @@ class XenTransport:
         return GuestBuffer(view)
 
     def close(self):
+        if self.grants is not None:
+            self.grants.close()
+            self.grants = None
         if self.ring is not None:
             self.ring.close()           # munmap first, then unmap the grants
             fcntl.ioctl(self._gntdev, IOCTL_GNTDEV_UNMAP_GRANT_REF,

@@ -26,22 +26,32 @@ MiB = 1 << 20
 
 
 # --- block-tapbridge ---------------------------------------------------------
+# The script hands the image to the running daemon, which opens it and
+# answers; so these run `tapbridge serve-xen`'s backend in process.
+
+def no_ring(domid, refs, order, port, persistent):
+    raise AssertionError("no frontend here")
+
 
 def test_tapbridge_add_resolves_the_target(xs, odd_dir):
     image = qcow2_with_data(odd_dir / "guest,1:x.qcow2")
-    libxl_add_vbd(xs, f"qcow2:{image}")
-    proc = hotplug(xs, BLOCK_TAPBRIDGE, "add")
-    assert proc.returncode == 0, proc.stderr
-    keys = xs.tree(BE)
-    assert keys["hotplug-status"] == "connected"
-    assert keys["physical-device-path"] == image
-    assert keys["tapbridge-format"] == "qcow2"
-    assert "physical-device" not in keys and "hotplug-error" not in keys
-    assert keys["params"] == f"qcow2:{image}"        # verbatim
-    # A second add is a no-op; remove has nothing to undo, every time.
-    assert hotplug(xs, BLOCK_TAPBRIDGE, "add").returncode == 0
-    for _ in range(2):
-        assert hotplug(xs, BLOCK_TAPBRIDGE, "remove").returncode == 0
+    with vbd_backend(xs, no_ring) as vbd:
+        libxl_add_vbd(xs, f"qcow2:{image}")
+        wait_for(lambda: xs.read(f"{BE}/state") == "2", 10, "InitWait")
+        proc = hotplug(xs, BLOCK_TAPBRIDGE, "add")
+        assert proc.returncode == 0, proc.stderr
+        keys = xs.tree(BE)
+        assert keys["hotplug-status"] == "connected"
+        assert keys["tapbridge-status"] == "opened"
+        assert keys["physical-device-path"] == image
+        assert keys["tapbridge-format"] == "qcow2"
+        assert "physical-device" not in keys and "hotplug-error" not in keys
+        assert keys["params"] == f"qcow2:{image}"        # verbatim
+        assert vbd.devices[BE].disk.format_name == "qcow2"
+        # A second add is a no-op; remove has nothing to undo, every time.
+        assert hotplug(xs, BLOCK_TAPBRIDGE, "add").returncode == 0
+        for _ in range(2):
+            assert hotplug(xs, BLOCK_TAPBRIDGE, "remove").returncode == 0
 
 
 @pytest.mark.parametrize("target,fmt", [
@@ -49,28 +59,38 @@ def test_tapbridge_add_resolves_the_target(xs, odd_dir):
 def test_tapbridge_add_takes_the_blktap_forms(xs, tmp_path, target, fmt):
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(MiB))
-    libxl_add_vbd(xs, target.format(image))
-    proc = hotplug(xs, BLOCK_TAPBRIDGE, "add")
-    assert proc.returncode == 0, proc.stderr
-    assert xs.read(f"{BE}/tapbridge-format") == fmt
-    assert xs.read(f"{BE}/physical-device-path") == str(image)
+    with vbd_backend(xs, no_ring):
+        libxl_add_vbd(xs, target.format(image))
+        proc = hotplug(xs, BLOCK_TAPBRIDGE, "add")
+        assert proc.returncode == 0, proc.stderr
+        assert xs.read(f"{BE}/tapbridge-format") == fmt
+        assert xs.read(f"{BE}/physical-device-path") == str(image)
 
 
 @pytest.mark.parametrize("target,message", [
     ("qcow2:{dir}/missing.qcow2", "missing.qcow2"),
-    ("{dir}/disk.img", "say raw:"),
+    ("{dir}/disk.img", "format not recognised"),
     ("qcow2:{dir}/disk.img", "qcow2"),
     ("nosuchformat:{dir}/disk.img", "nosuchformat"),
 ])
 def test_tapbridge_add_failures_say_why(xs, tmp_path, target, message):
     (tmp_path / "disk.img").write_bytes(bytes(MiB))
-    libxl_add_vbd(xs, target.format(dir=tmp_path))
-    proc = hotplug(xs, BLOCK_TAPBRIDGE, "add")
+    with vbd_backend(xs, no_ring):
+        libxl_add_vbd(xs, target.format(dir=tmp_path))
+        proc = hotplug(xs, BLOCK_TAPBRIDGE, "add")
+        assert proc.returncode == 1
+        assert xs.read(f"{BE}/hotplug-status") == "error"
+        error = xs.read(f"{BE}/hotplug-error")
+        assert message in error and "\n" not in error, error
+        assert "Traceback" not in proc.stderr
+
+
+def test_tapbridge_add_without_the_daemon_says_so(xs, tmp_path):
+    (tmp_path / "disk.img").write_bytes(bytes(MiB))
+    libxl_add_vbd(xs, f"raw:{tmp_path}/disk.img")
+    proc = hotplug(xs, BLOCK_TAPBRIDGE, "add", env={"TAPBRIDGE_WAIT": "1"})
     assert proc.returncode == 1
-    assert xs.read(f"{BE}/hotplug-status") == "error"
-    error = xs.read(f"{BE}/hotplug-error")
-    assert message in error and "\n" not in error, error
-    assert "Traceback" not in proc.stderr
+    assert "tapbridge serve-xen running" in xs.read(f"{BE}/hotplug-error")
 
 
 def test_scripts_need_libxls_environment(xs):
@@ -89,8 +109,8 @@ def test_xl_attach_sequence_with_tapbridge(xs, tmp_path, odd_dir):
     shm = ShmDir(tmp_path / "shm", 8)
     guest = Frontend(shm, 0)
     # Shared memory stands in for the guest's granted pages.
-    with vbd_backend(xs, lambda domid, refs, order, port:
-                     ShmTransport(shm.path, order)):
+    with vbd_backend(xs, lambda domid, refs, order, port, persistent:
+                     ShmTransport(shm.path, order, persistent)):
         be, fe = libxl_add_vbd(xs, f"raw:{image}")
         wait_for(lambda: xs.read(f"{be}/state") == "2", 10, "InitWait")
         proc = hotplug(xs, BLOCK_TAPBRIDGE, "add")

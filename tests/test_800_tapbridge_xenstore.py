@@ -17,8 +17,9 @@ from tapbridge.vbd import Xenstore
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "tapbridge"))
 import xsserver  # noqa: E402
-from tbharness import (Frontend, ShmDir, libxl_add_vbd,  # noqa: E402
-                       probe, sector_data, vbd_backend, wait_for)
+from tbharness import (Frontend, ShmDir, in_thread,  # noqa: E402
+                       libxl_add_vbd, probe, sector_data, vbd_backend,
+                       wait_for)
 from tbharness import xs  # noqa: E402,F401 (a fixture)
 
 MiB = 1 << 20
@@ -38,16 +39,18 @@ class Factory:
     def __init__(self, shm):
         self.shm = shm
         self.calls = []
+        self.persistent = []
         self.open = []
 
-    def __call__(self, domid, refs, order, port):
+    def __call__(self, domid, refs, order, port, persistent=False):
         self.calls.append((domid, refs, order, port))
-        transport = ShmTransport(self.shm.path, order)
+        self.persistent.append(persistent)
+        transport = ShmTransport(self.shm.path, order, persistent)
         close = transport.close
 
         def closing():
-            self.open.remove(transport)
             close()
+            self.open.remove(transport)
         transport.close = closing
         self.open.append(transport)
         return transport
@@ -159,7 +162,7 @@ def test_connects_and_serves_the_ring(xs, image, tmp_path, order, protocol):
             "discard-granularity", "discard-secure")} == {
             "sectors": str(4 * MiB // 512), "sector-size": "512",
             "info": "0", "feature-flush-cache": "1", "feature-barrier": "1",
-            "feature-persistent": "0", "feature-discard": "1",
+            "feature-persistent": "1", "feature-discard": "1",
             "discard-granularity": "4096", "discard-secure": "1"}
         xs.write(f"{fe}/state", 4)
         shm.fill(2, b"\x42" * 4096)
@@ -184,6 +187,77 @@ def test_frontend_already_connected_before_the_backend(xs, image, tmp_path):
         wait_for(lambda: state(xs, be) == 4, 10, "Connected")
         assert xs.read(f"{be}/info") == "4"         # VDISK_READONLY
         assert xs.read(f"{be}/feature-discard") == "0"
+
+
+@pytest.mark.parametrize("offered,used", [
+    ((True, 1), True), ((True, 0), False), ((True, None), False),
+    ((False, 1), False)])
+def test_persistent_grants_when_both_ends_offer_them(xs, image, tmp_path,
+                                                     offered, used):
+    """feature-persistent: ours at connect, the frontend's before; pages
+    stay mapped while connected and are all unmapped at teardown."""
+    ours, theirs = offered
+    shm = ShmDir(tmp_path / "shm", 8)
+    guest = Frontend(shm, 0)
+    factory = Factory(shm)
+    from tapbridge.vbd import VbdBackend, Xenstore
+    store = Xenstore(xs.path)
+    vbd = VbdBackend(store, factory, persistent=ours)
+    with in_thread(vbd.run, vbd.stop):
+        be, fe = libxl_add_vbd(xs, f"raw:{image}")
+        hotplug_connected(xs, be, image)
+        extra = {} if theirs is None else {"feature_persistent": theirs}
+        frontend_connects(xs, fe, [5], **extra)
+        wait_for(lambda: state(xs, be) == 4, 10, "Connected")
+        assert xs.read(f"{be}/feature-persistent") == str(int(ours))
+        assert factory.persistent == [used]
+        for i in range(3):
+            guest.req(BLKIF_OP_READ, i, 8 * i, [(2, 0, 7), (3, 0, 7)])
+            guest.push()
+            assert guest.get(1) == [(i, BLKIF_OP_READ, 0)]
+        (transport,) = factory.open
+        assert transport.maps == (2 if used else 0)
+        teardown_by_libxl(xs, be, fe)
+        wait_for(lambda: not factory.open, 10, "transport closed")
+        assert transport.unmaps == transport.maps
+    store.close()
+
+
+def test_multi_queue_serves_a_ring_per_queue(xs, image, tmp_path):
+    """blkfront with two queues: queue-N/ring-ref and event-channel each,
+    ring-page-order and protocol once; both rings serve the one image."""
+    shms = {port: ShmDir(tmp_path / f"shm{port}", 8) for port in (40, 41)}
+    guests = {port: Frontend(shm, 1) for port, shm in shms.items()}
+    opened = []
+
+    def factory(domid, refs, order, port, persistent=False):
+        transport = ShmTransport(shms[port].path, order, persistent)
+        opened.append((refs, order, port))
+        return transport
+    from tapbridge.vbd import VbdBackend, Xenstore
+    store = Xenstore(xs.path)
+    vbd = VbdBackend(store, factory, max_queues=2)
+    with in_thread(vbd.run, vbd.stop):
+        be, fe = libxl_add_vbd(xs, f"raw:{image}")
+        wait_for(lambda: state(xs, be) == 2)
+        assert xs.read(f"{be}/multi-queue-max-queues") == "2"
+        hotplug_connected(xs, be, image)
+        keys = {"multi-queue-num-queues": 2, "ring-page-order": 1,
+                "protocol": "x86_64-abi", "feature-persistent": 1}
+        for q, (port, refs) in enumerate([(40, [7, 3]), (41, [9, 2])]):
+            keys.update({f"queue-{q}/ring-ref0": refs[0],
+                         f"queue-{q}/ring-ref1": refs[1],
+                         f"queue-{q}/event-channel": port})
+        xs.write_all({f"{fe}/{k}": v for k, v in keys.items()})
+        xs.write(f"{fe}/state", 3)
+        wait_for(lambda: state(xs, be) == 4, 10, "Connected")
+        assert opened == [([7, 3], 1, 40), ([9, 2], 1, 41)]
+        for i, (port, guest) in enumerate(guests.items()):
+            guest.req(BLKIF_OP_READ, i, 8 * i, [(5, 0, 7)])
+            guest.push()
+            assert guest.get(1) == [(i, BLKIF_OP_READ, 0)]
+            assert shms[port].page(5) == sector_data(8 * i, 8, 3)
+    store.close()
 
 
 def teardown_by_libxl(xs, be, fe):
@@ -247,7 +321,7 @@ def test_guest_reboot_reconnects_with_a_new_ring(xs, image, tmp_path):
 @pytest.mark.parametrize("keys,message", [
     ({"protocol": "arm-abi"}, "unknown protocol 'arm-abi'"),
     ({"ring_page_order": 5}, "ring-page-order 5 is above 4"),
-    ({"multi_queue_num_queues": 2}, "multi-queue was not offered"),
+    ({"multi_queue_num_queues": 9}, "multi-queue-num-queues 9: 2 were"),
     ({"ring_ref": "0x10"}, "ring-ref: '0x10' is not a number"),
     ({"event_channel": "-1"}, "event-channel: '-1' is not a number"),
     ({"event_channel": 2 ** 32}, "is not a number"),

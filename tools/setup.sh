@@ -15,7 +15,7 @@ dmsetup kmod udev e2fsprogs dosfstools util-linux parted iproute2 systemd
 gnutls-bin fio gcc libc6-dev libxen-dev
 xenstore-utils libatomic1
 python3-libvmdk python3-libvhdi python3-libqcow
-linux-image-amd64 qemu-system-x86 busybox-static
+linux-image-amd64 qemu-system-x86 busybox-static cpio
 "
 
 missing=""

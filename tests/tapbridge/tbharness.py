@@ -262,13 +262,14 @@ def in_thread(run, stop):
 
 
 @contextlib.contextmanager
-def dispatcher_thread(shm, disk, order=0, protocol="x86_64-abi", **kw):
+def dispatcher_thread(shm, disk, order=0, protocol="x86_64-abi",
+                      persistent=False, **kw):
     """The dispatcher serving `disk` in this process (so tests can watch
     the driver calls), on a ring the frontend has already initialised."""
     from tapbridge.abi import PROTOCOLS
     from tapbridge.dispatch import Dispatcher
     from tapbridge.shm import ShmTransport
-    transport = ShmTransport(shm.path, order)
+    transport = ShmTransport(shm.path, order, persistent=persistent)
     dispatcher = Dispatcher(disk, transport, PROTOCOLS[protocol], **kw)
     try:
         with in_thread(dispatcher.serve, dispatcher.stop):
@@ -284,7 +285,7 @@ def vbd_backend(xs, transport_factory):
     xenstore, with `transport_factory` standing in for the hypervisor."""
     from tapbridge.vbd import VbdBackend, Xenstore
     store = Xenstore(xs.path)
-    vbd = VbdBackend(store, transport_factory)
+    vbd = VbdBackend(store, transport_factory, max_queues=2)
     try:
         with in_thread(vbd.run, vbd.stop):
             yield vbd
@@ -293,8 +294,9 @@ def vbd_backend(xs, transport_factory):
 
 
 class WatchedDisk:
-    """A Disk wrapper that logs every driver call and can hold calls at
-    chosen offsets until the test releases them."""
+    """A Disk wrapper that logs every driver call (and the thread that
+    made it), can hold calls at chosen offsets until the test releases
+    them, and can make every call wait `delay` seconds."""
 
     def __init__(self, disk):
         self.disk = disk
@@ -303,6 +305,8 @@ class WatchedDisk:
         self.can_trim = disk.can_trim
         self.can_zero = disk.can_zero
         self.calls = []
+        self.threads = []
+        self.delay = 0
         self.gates = {}         # offset -> (started, release) events
         self._lock = threading.Lock()
 
@@ -313,6 +317,9 @@ class WatchedDisk:
     def _call(self, name, length, offset, fn):
         with self._lock:
             self.calls.append((name, offset, length))
+            self.threads.append(threading.current_thread().name)
+        if self.delay:
+            time.sleep(self.delay)
         gate = self.gates.get(offset)
         if gate is not None and name != "flush":
             gate[0].set()
@@ -386,13 +393,13 @@ def xs():
     os.rmdir(d)
 
 
-def hotplug(xs, script, command, xenbus_path="backend/vbd/1/51712"):
+def hotplug(xs, script, command, xenbus_path="backend/vbd/1/51712",
+            env=None):
     """Run a hotplug script with the environment libxl's get_hotplug_env
-    gives it, and the venv's nbdplug on PATH."""
-    env = {"PATH": os.path.dirname(sys.executable) + ":" +
-           os.environ["PATH"], "XENSTORED_PATH": xs.path,
-           "script": script, "XENBUS_TYPE": "vbd",
-           "XENBUS_BASE_PATH": "backend"}
+    gives it (and `env`), and the venv's nbdplug on PATH."""
+    env = dict(env or {}, PATH=os.path.dirname(sys.executable) + ":" +
+               os.environ["PATH"], XENSTORED_PATH=xs.path, script=script,
+               XENBUS_TYPE="vbd", XENBUS_BASE_PATH="backend")
     if xenbus_path is not None:
         env["XENBUS_PATH"] = xenbus_path
     return subprocess.run([script, command], stdin=subprocess.DEVNULL,

@@ -175,9 +175,7 @@ class Device:
                 self.xs.watch(f"{self.frontend}/state", self.path)
         if self.state is None:
             self.probe()
-        if self.disk is None and self.open_error is None and \
-                self.key("physical-device-path") is not None:
-            self.open()
+        self.open_if_named()
         fe_state = XenbusStateUnknown
         if self.frontend:
             try:    # as xenbus_read_driver_state: garbage is Unknown
@@ -188,6 +186,9 @@ class Device:
         if fe_state in (XenbusStateInitialised, XenbusStateConnected):
             if self.state == XenbusStateInitWait and \
                     self.key("hotplug-status") == "connected":
+                # The script may have named the image since we looked
+                # above: its path is written before hotplug-status.
+                self.open_if_named()
                 self.connect()
         elif fe_state == XenbusStateClosing:
             if self.state not in (XenbusStateClosing, XenbusStateClosed):
@@ -214,6 +215,11 @@ class Device:
             f"{self.path}/multi-queue-max-queues": self.backend.max_queues,
             f"{self.path}/state": XenbusStateInitWait})
         self.state = XenbusStateInitWait
+
+    def open_if_named(self):
+        if self.disk is None and self.open_error is None and \
+                self.key("physical-device-path") is not None:
+            self.open()
 
     def open(self):
         """Open the image the hotplug script named; tell it how that went."""

@@ -141,6 +141,34 @@ def test_new_device_goes_to_initwait_before_hotplug(xs, image, tmp_path):
         assert factory.calls == []
 
 
+def test_script_and_frontend_done_while_the_device_is_looked_at(
+        xs, image, tmp_path, monkeypatch):
+    """The hotplug script names the image and the frontend connects
+    between our read of the image's path and our read of the states:
+    the device still connects (it once went to Closing, "no image")."""
+    from tapbridge.vbd import Device
+    shm = ShmDir(tmp_path / "shm", 8)
+    guest = Frontend(shm, 0, "x86_64-abi")
+    key = Device.key
+    done = []
+
+    def key_then_race(device, name):
+        value = key(device, name)
+        if name == "physical-device-path" and value is None and \
+                device.state == 2 and not done:
+            done.append(name)
+            hotplug_connected(xs, device.path, image)
+            frontend_connects(xs, device.frontend, [901])
+        return value
+
+    monkeypatch.setattr(Device, "key", key_then_race)
+    with vbd_backend(xs, Factory(shm)):
+        be, fe = libxl_add_vbd(xs, f"raw:{image}")
+        wait_for(lambda: state(xs, be) == 4, 10, "Connected")
+        assert done
+    del guest
+
+
 @pytest.mark.parametrize("order,protocol", [
     (0, "x86_64-abi"), (2, "x86_32-abi"), (1, None)])
 def test_connects_and_serves_the_ring(xs, image, tmp_path, order, protocol):

@@ -80,8 +80,12 @@ def load(name, table, readonly=False):
         lines = proc.stderr.strip().splitlines()
         raise UsageError("dmsetup: " + (lines[-1] if lines else
                                         f"exit status {proc.returncode}"))
-    # dmsetup waits for udev when it runs (udev cookie); the node exists.
-    return os.path.join("/dev/mapper", name)
+    # dmsetup waits for udev when it runs (udev cookie); without udev (a
+    # minimal dom0, a container) it may leave the node to us.
+    path = os.path.join("/dev/mapper", name)
+    if not os.path.exists(path):
+        subprocess.run(["dmsetup", "mknodes", name], capture_output=True)
+    return path
 
 
 def remove(name):

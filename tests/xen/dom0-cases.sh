@@ -342,8 +342,15 @@ phase_blkback() {
             echo "  xl block-attach $1 failed"
         T "block-nbdplug $2 attached"
     done
+    # Where dom0 has NBD and device-mapper, blkback gets the fast device.
+    vias=$(in_host "$TREE/.venv/bin/nbdplug" list 2>&1 |
+           grep -o 'via=[a-z]*' | sort | uniq -c | tr -s ' ' | paste -sd, -)
     wait_domu domu-d 300
     losetup -d $loop
+    case "$vias" in
+    " 4 via=fast") pass block-nbdplug-fast "blkback over the 4 fast devices (dm-linear to loop and NBD)" ;;
+    *) fail block-nbdplug-fast "devices attached:${vias:- none}" ;;
+    esac
     # xl runs block-nbdplug remove once the domain is gone: every device
     # detached again, and nbdkit no longer holds the images.
     attached() { in_host "$TREE/.venv/bin/nbdplug" list 2>&1 | grep -c /dev/; }

@@ -32,7 +32,7 @@ end() {
 }
 
 for m in xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xenfs loop nbd \
-         virtio_pci 9pnet_virtio 9p; do
+         dm-mod virtio_pci 9pnet_virtio 9p; do
     modprobe "$m" || echo "XENLANE-FATAL modprobe $m failed"
 done
 mount -t xenfs xenfs /proc/xen

@@ -55,13 +55,13 @@ copy() {
     done
 }
 
-# Modules: Xen's devices, loop (blkback's phy: files), nbd (block-nbdplug),
-# blkback itself (loaded only for the cases that want it) and 9p over
+# Modules: Xen's devices, loop (blkback's phy: files), nbd and dm-mod
+# (block-nbdplug's fast device), blkback itself (loaded only for the cases that want it) and 9p over
 # virtio for the share.
 for m in drivers/xen/xen-evtchn drivers/xen/xen-gntdev \
          drivers/xen/xen-gntalloc drivers/xen/xen-privcmd \
          drivers/xen/xenfs/xenfs drivers/block/xen-blkback/xen-blkback \
-         drivers/block/loop drivers/block/nbd \
+         drivers/block/loop drivers/block/nbd drivers/md/dm-mod \
          drivers/virtio/virtio drivers/virtio/virtio_ring \
          drivers/virtio/virtio_pci drivers/virtio/virtio_pci_legacy_dev \
          drivers/virtio/virtio_pci_modern_dev net/9p/9pnet \

@@ -337,9 +337,13 @@ phase_blkback() {
         { fail block-nbdplug "domu-d did not start"; losetup -d $loop; return; }
     for x in xvdb:qcow2:qcow2.qcow2 xvdc:vmdk:vmdk.vmdk xvdd:vhd:vhd.vhd; do
         set -- $(echo $x | tr : ' ')
-        timeout 60 xl block-attach domu-d \
-            "vdev=$1,access=rw,$nb,target=$2:$W/nbd-$3" ||
-            echo "  xl block-attach $1 failed"
+        # Once more if libxl's 40 s for the script ran out (a loaded
+        # host under TCG); its remove undid the first try.
+        for try in 1 2; do
+            timeout 60 xl block-attach domu-d \
+                "vdev=$1,access=rw,$nb,target=$2:$W/nbd-$3" && break
+            echo "  xl block-attach $1 failed (try $try)"
+        done
         T "block-nbdplug $2 attached"
     done
     # Where dom0 has NBD and device-mapper, blkback gets the fast device.

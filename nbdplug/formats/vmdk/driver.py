@@ -113,7 +113,7 @@ class VmdkDisk(Disk):
                     raise CorruptImage(path, FMT, "embedded descriptor is "
                                        "missing or blank (no CID)",
                                        "descriptor")
-                base = ext.geo.descriptor[0]
+                base = ext.descriptor_offset
                 extents = [ext]
             else:
                 size, limit = file.size(), descriptor.MAX_DESCRIPTOR

@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from conftest import run
+from conftest import NBDPLUG, run
 from hostile import assert_rejected
 from nbdplug import CorruptImage, open_image
 from nbdplug.disk import BACKING
@@ -185,6 +185,8 @@ def test_header_field(sparse, field, value, match):
 
 @pytest.mark.parametrize("field,value", [
     ("gdOffset", 1 << 30),          # a directory past the end: zeros
+    ("gdOffset", 0),                # the directory over the header
+    ("gdOffset", 1 << 55),          # the same, modulo 2**64 as in qemu
     ("grainSize", 100),             # not a power of two
     ("flags", 1 << 17),             # markers, but grains not compressed
 ])
@@ -288,6 +290,17 @@ def test_compressed_grain_marker_names_another_grain(stream):
     patch(stream, first_marker(stream), struct.pack("<Q", 128 * 5))
     read_as_qemu_reads(stream)
     assert_rejected(stream, "vmdk", "marker names sector", readonly=False)
+
+
+def test_compressed_grain_that_inflates_short(stream, tmp_path):
+    """Grains larger than the header said they were written with inflate
+    short: qemu fails reading them, so does a reader."""
+    set_field(stream, "grainSize", 256)
+    for argv in (["qemu-img"], NBDPLUG):
+        proc = run(argv + ["convert", "-f", "vmdk", "-O", "raw",
+                           str(stream), str(tmp_path / "out.raw")],
+                   check=False)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr
 
 
 def test_compressed_grain_that_does_not_inflate(stream):

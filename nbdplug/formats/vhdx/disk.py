@@ -167,9 +167,9 @@ def _current_header(file, path):
     if best.log_version != 0:
         raise UnsupportedFeature(path, FMT, f"log version "
                                  f"{best.log_version}", "header.log_version")
-    if best.log_guid != bytes(16) and best.log_length and (
-            best.log_length % MiB or best.log_offset % MiB or
-            best.log_offset < MiB):
+    if best.log_length and (best.log_offset % MiB or best.log_offset < MiB
+                            or best.log_guid != bytes(16) and
+                            best.log_length % MiB):
         raise CorruptImage(path, FMT, "log is not placed at 1 MiB "
                            "boundaries", "header.log_offset")
     if best.log_offset + best.log_length > file.size():

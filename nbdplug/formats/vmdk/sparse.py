@@ -145,9 +145,16 @@ def read_geometry(file, path, file_size, strict=True):
         raise unsupported(f"{gd_entries} grain tables are more than "
                           f"{MAX_GD_ENTRIES}", "capacity")
     gd_bytes = gd_entries * GTE_SIZE
-    gd_offset = _within(tables.gdOffset, gd_bytes,
-                        limit if strict else 1 << 62, space, "gdOffset",
-                        corrupt)
+    if strict:
+        gd_offset = _within(tables.gdOffset, gd_bytes, limit, space,
+                            "gdOffset", corrupt)
+    else:
+        # Where qemu reads it: the sector count times 512 modulo 2**64,
+        # over the header or past the end of the file (zeros) if so.
+        gd_offset = (tables.gdOffset * SECTOR) & ((1 << 64) - 1)
+        if _past_addressing(gd_offset, gd_bytes):
+            raise corrupt(f"{gd_bytes} bytes at sector {tables.gdOffset} "
+                          "lie past what a file can hold", "gdOffset")
     rgd_offset = None
     if hdr.flags & FLAG_REDUNDANT_GD and tables.rgdOffset:
         if _past_addressing(tables.rgdOffset * SECTOR, gd_bytes):
@@ -566,6 +573,10 @@ class SparseExtent(Extent):
         if inflater.unconsumed_tail or not inflater.eof:
             raise self._corrupt("does not inflate to one grain",
                                 f"grain {gi}")
+        if len(data) < min(self.grain, self.length - gi * self.grain):
+            # (qemu fails a read past what the grain inflates to)
+            raise self._corrupt(f"inflates to {len(data)} bytes, short of "
+                                "a grain", f"grain {gi}")
         data = data.ljust(self.grain, b"\0")
         self._remember(gi, data)
         return data

@@ -211,11 +211,12 @@ def _regions(src, path, header, file_size):
         if name in found:
             raise CorruptImage(path, FMT, f"a second {name} region", field)
         start, length = entry.file_offset, entry.length
-        # (the specification wants whole MiB; qemu reads a region of any
-        # length, and so do we)
-        if start % MiB or not length or start + length > file_size:
+        # (the specification wants whole MiB inside the file; qemu reads a
+        # region of any length, and past the end of the file zeros: so do
+        # we)
+        if start % MiB or not length:
             raise CorruptImage(path, FMT, f"{name} region at {start}+"
-                               f"{length} is not whole MiB inside the file",
+                               f"{length} does not start at a whole MiB",
                                field)
         for u_start, u_len, u_name in used:
             if start < u_start + u_len and u_start < start + length:

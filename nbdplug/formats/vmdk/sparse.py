@@ -113,6 +113,10 @@ def read_geometry(file, path, file_size, strict=True):
     if hdr.flags & FLAG_MARKERS and not compressed and strict:
         raise unsupported("markers without compression are not supported",
                           "flags")
+    if compressed and not hdr.flags & FLAG_MARKERS:
+        # (qemu reads such grains without a marker, and fails on ours)
+        raise unsupported("compression without markers is not supported",
+                          "flags")
     grain_sectors = hdr.grainSize
     # A reader holds only a compressed grain whole: an uncompressed one
     # may be as large as qemu lets it be.

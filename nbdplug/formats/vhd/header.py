@@ -122,6 +122,11 @@ def validate(file, path, tolerate=None):
         # is what the specification keeps the end footer for (qemu
         # refuses it, README "Deliberate leniencies").
         footer, raw = footer_end, end
+    elif footer_head is not None and footer_head.disk_type not in SUBFORMATS:
+        # A sound copy of a disk type we do not read (qemu reads it as a
+        # fixed disk): refused below for its type, README "Deliberate
+        # refusals".
+        footer, raw = footer_head, head
     elif COOKIE in (end[:8], head[:8]):
         raise CorruptImage(path, FMT, "footer checksum mismatch",
                            "footer.checksum")

@@ -30,7 +30,7 @@ from nbdplug.disk import (BACKING, COMPRESSED, DATA, Disk, FormatSpec, Run,
                           add_run)
 from nbdplug.errors import CorruptImage, UnsupportedFeature, UsageError
 from nbdplug.formats.overlap import Overlaps
-from nbdplug.hostfile import HostFile
+from nbdplug.hostfile import HostFile, beyond_qemu_reach
 from nbdplug.layout import Layout, be64_array, be64_bytes
 
 FORMAT = "qcow"
@@ -60,8 +60,6 @@ L2_CACHE_BYTES = 8 << 20
 # Where a reader takes the end of the file to be: what lies past the real
 # end reads as zeros (HostFile.pread), as qemu reads it.
 READER_LIMIT = 1 << 62
-# The largest offset qemu's block layer addresses (BDRV_MAX_LENGTH).
-MAX_ADDRESS = (1 << 63) - (1 << 30)
 
 # What a writer guards (nbdplug/formats/overlap.py): the L2 tables, by
 # sector, since qcow does not require them to be cluster aligned.  The
@@ -183,8 +181,8 @@ def read_geometry(file, path, strict=True):
                            "file", "l1_table_offset")
     metadata_end = l1_end
     backing_name = None
-    if hdr.backing_file_offset and \
-            hdr.backing_file_offset + hdr.backing_file_size > MAX_ADDRESS:
+    if hdr.backing_file_offset and beyond_qemu_reach(
+            hdr.backing_file_offset, hdr.backing_file_size):
         # (qemu cannot read there either)
         raise CorruptImage(path, FORMAT, "backing file name lies past what "
                            "a file can hold", "backing_file_offset")

@@ -35,6 +35,7 @@ import zlib
 from nbdplug.cache import Cache
 from nbdplug.disk import BACKING, COMPRESSED, DATA, ZERO
 from nbdplug.errors import CorruptImage, UnsupportedFeature
+from nbdplug.hostfile import beyond_qemu_reach
 from . import descriptor
 from .extent import Extent
 from .structs import (COMPRESSION_DEFLATE, FLAG_MARKERS, FLAG_REDUNDANT_GD,
@@ -156,12 +157,12 @@ def read_geometry(file, path, file_size, strict=True):
         # Where qemu reads it: the sector count times 512 modulo 2**64,
         # over the header or past the end of the file (zeros) if so.
         gd_offset = (tables.gdOffset * SECTOR) & ((1 << 64) - 1)
-        if _past_addressing(gd_offset, gd_bytes):
+        if beyond_qemu_reach(gd_offset, gd_bytes):
             raise corrupt(f"{gd_bytes} bytes at sector {tables.gdOffset} "
                           "lie past what a file can hold", "gdOffset")
     rgd_offset = None
     if hdr.flags & FLAG_REDUNDANT_GD and tables.rgdOffset:
-        if _past_addressing(tables.rgdOffset * SECTOR, gd_bytes):
+        if beyond_qemu_reach(tables.rgdOffset * SECTOR, gd_bytes):
             raise corrupt(f"{gd_bytes} bytes at sector {tables.rgdOffset} "
                           "lie past what a file can hold", "rgdOffset")
         if tables.rgdOffset * SECTOR + gd_bytes <= limit:
@@ -184,15 +185,6 @@ def read_geometry(file, path, file_size, strict=True):
 # Where qemu reads an embedded descriptor whatever the header says: the
 # 20 sectors after the header (block/vmdk.c, DESC_SIZE).
 QEMU_DESCRIPTOR = (SECTOR, 20 * SECTOR)
-# The largest offset qemu's block layer addresses (BDRV_MAX_LENGTH).
-MAX_ADDRESS = (1 << 63) - (1 << 30)
-
-
-def _past_addressing(offset, length):
-    """Whether qemu fails to read `length` bytes at `offset` (taken, as
-    qemu takes a sector count times 512, modulo 2**64)."""
-    offset &= (1 << 64) - 1
-    return offset > MAX_ADDRESS or length > MAX_ADDRESS - offset
 
 
 def _descriptor_region(hdr, file_size, strict, corrupt):

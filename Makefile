@@ -10,10 +10,12 @@ setup:
 	@./tools/setup.sh
 
 # The host tests, a short seeded round of the differential fuzzer (no
-# case may show a bad class), then the kernel lane, then the Xen lane.
+# case may show a bad class; VHDX is left out while it reads a damaged
+# first region table through the second, README "Hostile images"), then
+# the kernel lane, then the Xen lane.
 test: setup
 	$(PY) -m pytest -q
-	$(PY) tools/fuzz --seed 1 --cases 300 --formats qcow2 --strict
+	$(PY) tools/fuzz --seed 1 --cases 300 --formats qcow2,qcow,vmdk,vpc --strict
 	./tools/kernel-lane.sh
 	./tools/xen-lane.sh
 

@@ -27,6 +27,18 @@ _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64,
                             ctypes.c_int64]
 
 
+# The largest offset qemu's block layer addresses (BDRV_MAX_LENGTH):
+# metadata placed beyond it is an image qemu cannot open.
+QEMU_MAX_ADDRESS = (1 << 63) - (1 << 30)
+
+
+def beyond_qemu_reach(offset, length):
+    """Whether qemu fails to read `length` bytes at `offset`, taken modulo
+    2**64 as qemu takes a sector count times 512."""
+    offset &= (1 << 64) - 1
+    return offset > QEMU_MAX_ADDRESS or length > QEMU_MAX_ADDRESS - offset
+
+
 def fallocate(fd, mode, offset, length):
     if _libc.fallocate(fd, mode, offset, length) != 0:
         err = ctypes.get_errno()

@@ -7,9 +7,10 @@ import struct
 
 import pytest
 
-from conftest import run
+from conftest import NBDPLUG, run
 from hostile import assert_rejected
 from nbdplug import CorruptImage, open_image
+from nbdplug.disk import BACKING
 from nbdplug.formats.vmdk.structs import GRAIN_MARKER, SPARSE_HEADER
 from test_400_vmdk_read import qemu_vmdk, random_raw, vmware_stream
 
@@ -75,9 +76,31 @@ def test_descriptor_line_too_long(tmp_path):
     assert_rejected(image, "vmdk", "longer than 8192 bytes")
 
 
-def test_embedded_descriptor_size_huge(sparse):
-    set_field(sparse, "descriptorSize", 1 << 40)
-    assert_rejected(sparse, "vmdk", "descriptorSize")
+@pytest.mark.parametrize("field,value", [
+    ("descriptorSize", 1 << 40), ("descriptorOffset", 1 << 40),
+    ("descriptorOffset", 5)])
+def test_embedded_descriptor_misplaced(sparse, field, value):
+    """A reader reads the descriptor where qemu does (the sectors after
+    the header); a writer, which rewrites it, refuses."""
+    set_field(sparse, field, value)
+    read_as_qemu_reads(sparse)
+    if value > 5:
+        assert_rejected(sparse, "vmdk", field, readonly=False)
+
+
+def test_embedded_descriptor_damaged_lines_are_skipped(sparse):
+    """qemu looks only for the keys it needs; a reader skips lines it does
+    not understand and keys given twice."""
+    with open(sparse, "rb") as f:
+        f.seek(512)
+        text = f.read(10240).split(b"\0")[0]
+    damaged = text.replace(b"version=1", b"version=1\n?%$ garbage\n"
+                           b"version=1").replace(b'"monolithicSparse"',
+                                                 b'"x"')
+    patch(sparse, 512, damaged)
+    read_as_qemu_reads(sparse)
+    with pytest.raises(CorruptImage, match="not understood"):
+        open_image(str(sparse), "vmdk", readonly=False)
 
 
 @pytest.mark.parametrize("name", ["/etc/passwd", "../../../../etc/passwd"])
@@ -146,18 +169,38 @@ def test_parent_is_itself(tmp_path):
 # --- sparse extent headers and tables ----------------------------------------
 
 @pytest.mark.parametrize("field,value,match", [
-    ("gdOffset", 1 << 30, "gdOffset"),
     ("numGTEsPerGT", 0, "numGTEsPerGT"),
     ("numGTEsPerGT", 0xFFFFFFFF, "numGTEsPerGT"),
     ("grainSize", 0, "grainSize"),
-    ("grainSize", 100, "grainSize"),
     ("grainSize", 1 << 40, "grainSize"),
     ("capacity", 1 << 62, "capacity"),
     ("version", 7, "version"),
+    ("overHead", 1 << 20, "overHead"),        # qemu: "File truncated"
+    ("rgdOffset", 1 << 54, "rgdOffset"),      # qemu cannot address it
 ])
 def test_header_field(sparse, field, value, match):
     set_field(sparse, field, value)
     assert_rejected(sparse, "vmdk", match)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("gdOffset", 1 << 30),          # a directory past the end: zeros
+    ("gdOffset", 0),                # the directory over the header
+    ("gdOffset", 1 << 55),          # the same, modulo 2**64 as in qemu
+    ("grainSize", 100),             # not a power of two
+    ("flags", 1 << 17),             # markers, but grains not compressed
+])
+def test_header_field_qemu_reads(sparse, field, value):
+    """What qemu reads safely a reader reads alike; a writer refuses."""
+    set_field(sparse, field, value)
+    read_as_qemu_reads(sparse)
+    assert_rejected(sparse, "vmdk", field, readonly=False)
+
+
+def test_capacity_zero_with_descriptor(sparse):
+    """qemu takes the file for a descriptor then, and refuses it."""
+    set_field(sparse, "capacity", 0)
+    assert_rejected(sparse, "vmdk", "capacity")
 
 
 def read_as_qemu_reads(path):
@@ -243,8 +286,21 @@ def test_compressed_grain_size_larger_than_a_grain(stream, size):
 
 
 def test_compressed_grain_marker_names_another_grain(stream):
+    """qemu reads the grain without looking; a writer refuses."""
     patch(stream, first_marker(stream), struct.pack("<Q", 128 * 5))
-    assert_rejected(stream, "vmdk", "marker names sector")
+    read_as_qemu_reads(stream)
+    assert_rejected(stream, "vmdk", "marker names sector", readonly=False)
+
+
+def test_compressed_grain_that_inflates_short(stream, tmp_path):
+    """Grains larger than the header said they were written with inflate
+    short: qemu fails reading them, so does a reader."""
+    set_field(stream, "grainSize", 256)
+    for argv in (["qemu-img"], NBDPLUG):
+        proc = run(argv + ["convert", "-f", "vmdk", "-O", "raw",
+                           str(stream), str(tmp_path / "out.raw")],
+                   check=False)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr
 
 
 def test_compressed_grain_that_does_not_inflate(stream):
@@ -269,8 +325,9 @@ def test_stream_footer_pointing_into_itself(tmp_path):
     image = vmware(tmp_path)
     set_field(image, "gdOffset", os.path.getsize(image) // 512 - 2,
               footer=True)
-    assert_rejected(image, "vmdk", "gdOffset: 4 bytes at sector")
-    assert_rejected(image, "vmdk", "outside the file before its footer")
+    read_as_qemu_reads(image)       # reading the footer harms nothing
+    assert_rejected(image, "vmdk", "outside the file before its footer",
+                    readonly=False)
 
 
 def test_stream_footer_missing(tmp_path):
@@ -284,3 +341,16 @@ def test_stream_footer_disagrees_with_header(tmp_path):
     image = vmware(tmp_path)
     set_field(image, "capacity", 1 << 30, footer=True)
     assert_rejected(image, "vmdk", "capacity differs")
+
+
+def test_terabytes_of_unstored_tables_map_in_one_piece(sparse):
+    """A 2 TiB capacity whose directory lies past the end of the file
+    (zeros, as qemu reads it): the disk maps as one unallocated piece,
+    not 32 million grains one by one."""
+    set_field(sparse, "capacity", 1 << 32)
+    set_field(sparse, "gdOffset", 1 << 30)
+    with open_image(str(sparse), "vmdk") as disk:
+        assert disk.size == 1 << 41
+        assert disk.parts[0].segments(0, disk.size) == \
+            [(BACKING, disk.size, None)]
+        assert bytes(disk.read(512, disk.size - 512)) == bytes(512)

@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from conftest import nbdplug
+from conftest import nbdplug, run
 from hostile import assert_rejected
 from test_510_vhdx import qemu_vhdx, with_crc
 from test_511_vhdx_log import GUID, LOG, log_entry, put_log
@@ -73,8 +73,10 @@ def test_regions_overlapping(image, offset, match):
 
 
 def test_region_past_the_end_of_the_file(image):
+    """Read as zeros past the end, as qemu reads it; a region that grows
+    over the blocks is refused for that."""
     patch_regions(image, 1, length=1 << 30)
-    assert_rejected(image, "vhdx", "inside the file")
+    assert_rejected(image, "vhdx", "block at 8388608 overlaps the metadata")
 
 
 def test_unknown_required_region(image):
@@ -84,6 +86,7 @@ def test_unknown_required_region(image):
 
 @pytest.mark.parametrize("entry,match", [
     (6 | 4096 << 20, "past the end of the file"),
+    (6 | 10 << 20, "past the end of the file"),     # the last MiB, and on
     (6 | 2 << 20, "overlaps the BAT"),
     (4, "payload block state 4"),
     (7 | 8 << 20, "payload block state 7"),     # not differencing
@@ -91,6 +94,33 @@ def test_unknown_required_region(image):
 def test_bat_entries(image, entry, match):
     patch(image, BAT + 8 * 3, struct.pack("<Q", entry))
     assert_rejected(image, "vhdx", match)
+
+
+def reads_as_qemu_reads(path, tmp_path):
+    theirs, ours = tmp_path / "theirs.raw", tmp_path / "ours.raw"
+    run(["qemu-img", "convert", "-f", "vhdx", "-O", "raw", str(path),
+         str(theirs)])
+    nbdplug("convert", "-f", "vhdx", "-O", "raw", path, ours)
+    assert ours.read_bytes() == theirs.read_bytes()
+
+
+def test_what_qemu_reads(image, tmp_path):
+    """Read as qemu reads them: the last block cut short by a truncated
+    file (by less than a sector, the rest zeros), a block over the header
+    section, a metadata region whose length is not whole MiB, a header
+    copy of another version (the other copy is used)."""
+    raw = bytearray(image.read_bytes())
+    last = max(struct.unpack_from("<Q", raw, BAT + 8 * i)[0] >> 20
+               for i in range(8))
+    del raw[(last + 1) * MiB - 100:]
+    image.write_bytes(raw)
+    patch(image, BAT + 8 * 3, struct.pack("<Q", 6))
+    patch_regions(image, 1, length=MiB + 256)
+    first = bytearray(image.read_bytes()[64 * KiB:128 * KiB])
+    struct.pack_into("<Q", first, 8, 1 << 40)           # sequence number
+    struct.pack_into("<H", first, 66, 2)                # version
+    patch(image, 64 * KiB, with_crc(first))
+    reads_as_qemu_reads(image, tmp_path)
 
 
 def test_blocks_overlapping_each_other(image):

@@ -6,6 +6,7 @@ import struct
 
 import pytest
 
+from conftest import nbdplug, run
 from hostile import assert_rejected
 from nbdplug.formats.qcow import HEADER, QCOW_MAGIC
 
@@ -108,7 +109,8 @@ CASES = {
 
 
 WRITER_ONLY = ("L1 entry past EOF", "L2 entry past EOF",
-               "compressed past EOF")
+               "compressed past EOF", "L1 in header", "L1 entry into L1",
+               "L2 entry into header")
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -120,6 +122,29 @@ def test_hostile_image_is_refused(case, tmp_path):
     # writer refuses those.
     assert_rejected(path, "qcow", match,
                     readonly=case not in WRITER_ONLY)
+
+
+@pytest.mark.parametrize("case", ["L1 entry past EOF", "L2 entry past EOF",
+                                  "L1 in header", "L1 entry into L1"])
+def test_reader_reads_what_qemu_reads(case, tmp_path):
+    """Tables over the header and what lies past the end of the file:
+    qemu reads them (zeros past the end); so does a reader."""
+    path = tmp_path / "bad.qcow"
+    CASES[case][0](path)
+    theirs, ours = tmp_path / "theirs.raw", tmp_path / "ours.raw"
+    run(["qemu-img", "convert", "-f", "qcow", "-O", "raw", str(path),
+         str(theirs)])
+    nbdplug("convert", "-f", "qcow", "-O", "raw", path, ours)
+    assert ours.read_bytes() == theirs.read_bytes()
+
+
+def test_unaligned_cluster_is_refused(tmp_path):
+    """qemu fails to read a plain cluster that is not sector aligned
+    (as "L2 entry into header", which a writer refuses first for its
+    overlap)."""
+    path = tmp_path / "bad.qcow"
+    image(path, l1=(4096, 0), tail=l2(8192 + 16) + DATA)
+    assert_rejected(path, "qcow", "not sector aligned")
 
 
 

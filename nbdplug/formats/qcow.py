@@ -30,7 +30,7 @@ from nbdplug.disk import (BACKING, COMPRESSED, DATA, Disk, FormatSpec, Run,
                           add_run)
 from nbdplug.errors import CorruptImage, UnsupportedFeature, UsageError
 from nbdplug.formats.overlap import Overlaps
-from nbdplug.hostfile import HostFile
+from nbdplug.hostfile import HostFile, beyond_qemu_reach
 from nbdplug.layout import Layout, be64_array, be64_bytes
 
 FORMAT = "qcow"
@@ -69,6 +69,10 @@ L2_TABLE = 1
 GUARDED = {L2_TABLE: "L2 table"}
 
 
+# Maps each byte to its lowest bit (for the sector alignment of entries).
+_LOW_BIT = bytes(i & 1 for i in range(256))
+
+
 def _align_up(n, alignment):
     return -(-n // alignment) * alignment
 
@@ -105,22 +109,26 @@ class Geometry:
         return (entry & ((1 << shift) - 1),
                 (entry >> shift) & (self.cluster_size - 1))
 
-    def entry_problem(self, entry, file_size):
-        """Why an L2 entry cannot be used, or None if it can."""
+    def entry_problem(self, entry, file_size, strict=True):
+        """Why an L2 entry cannot be used, or None if it can.  A reader
+        (not `strict`) refuses only what qemu cannot read; a writer also
+        clusters over the header or L1 table."""
         offset, length = self.extent(entry)
         if length == 0:
             return f"compressed cluster at {offset:#x} has length 0"
-        if offset < self.metadata_end:
+        if offset < self.metadata_end and strict:
             return f"cluster at {offset:#x} overlaps the header or L1 table"
+        if not entry & QCOW_OFLAG_COMPRESSED and offset % 512:
+            return f"cluster at {offset:#x} is not sector aligned"
         if offset + length > file_size:
             return f"cluster at {offset:#x} is past the end of the file"
         return None
 
-    def table_problem(self, l2_offset, file_size):
+    def table_problem(self, l2_offset, file_size, strict=True):
         """Why an L1 entry (an L2 table offset) cannot be used, or None."""
         if l2_offset & QCOW_OFLAG_COMPRESSED:
             return f"L2 table offset {l2_offset:#x} is invalid"
-        if l2_offset < self.metadata_end:
+        if l2_offset < self.metadata_end and strict:
             return (f"L2 table at {l2_offset:#x} overlaps the header or "
                     "L1 table")
         if l2_offset + self.l2_bytes > file_size:
@@ -128,8 +136,10 @@ class Geometry:
         return None
 
 
-def read_geometry(file, path):
-    """Parse and validate the header of the qcow image in `file`."""
+def read_geometry(file, path, strict=True):
+    """Parse and validate the header of the qcow image in `file`.  A
+    reader (not `strict`) takes an L1 table anywhere, as qemu does: over
+    the header, or past the end of the file (zeros)."""
     file_size = file.size()
     if file_size < HEADER.size:
         raise CorruptImage(path, FORMAT, "file too short for a qcow header",
@@ -162,15 +172,20 @@ def read_geometry(file, path):
                            f"table larger than {MAX_L1_BYTES >> 20} MiB",
                            "size")
     l1_end = hdr.l1_table_offset + 8 * l1_entries
-    if hdr.l1_table_offset < HEADER.size:
+    if hdr.l1_table_offset < HEADER.size and strict:
         raise CorruptImage(path, FORMAT, "L1 table overlaps the header",
                            "l1_table_offset")
-    if l1_end > file_size:
+    if l1_end > (file_size if strict else READER_LIMIT):
         raise CorruptImage(path, FORMAT, f"L1 table at "
                            f"{hdr.l1_table_offset:#x} is past the end of the "
                            "file", "l1_table_offset")
     metadata_end = l1_end
     backing_name = None
+    if hdr.backing_file_offset and beyond_qemu_reach(
+            hdr.backing_file_offset, hdr.backing_file_size):
+        # (qemu cannot read there either)
+        raise CorruptImage(path, FORMAT, "backing file name lies past what "
+                           "a file can hold", "backing_file_offset")
     if hdr.backing_file_offset and hdr.backing_file_size:
         if hdr.backing_file_size > MAX_BACKING_NAME:
             raise CorruptImage(path, FORMAT, f"backing file name of "
@@ -205,6 +220,14 @@ class QcowDisk(Disk):
         self.cluster_size = geo.cluster_size
         self.preferred_block = max(4096, geo.cluster_size)
         self._l1 = l1
+        # (offset, entries in use) of an L2 table only the last L1 entry
+        # points at, which maps past the end of the disk.
+        last = len(l1) - 1
+        self._last_table = (None, 0)
+        if l1[last] and l1.count(l1[last]) == 1:
+            self._last_table = (l1[last], -(-(geo.size - (
+                last << (geo.cluster_bits + geo.l2_bits))) >>
+                geo.cluster_bits))
         self._l2 = Cache(max(16, L2_CACHE_BYTES // geo.l2_bytes))
         self._inflated = (None, None)           # (entry, cluster bytes)
         self._file_size = file.size()
@@ -232,9 +255,16 @@ class QcowDisk(Disk):
         file = ctx.open_file(path, readonly)
         backing = None
         try:
-            geo = read_geometry(file, path)
+            geo = read_geometry(file, path, strict=not readonly)
             l1 = be64_array(file.read(geo.l1_bytes, geo.l1_table_offset))
             file_size = file.size()
+            if readonly:
+                # Tables past the end of the file read as zeros: nothing
+                # to read (qemu reads them so).
+                for index, l2_offset in enumerate(l1):
+                    if l2_offset >= file_size and \
+                            not l2_offset & QCOW_OFLAG_COMPRESSED:
+                        l1[index] = 0
             # Distinct L2 tables cannot share bytes, so more of them than
             # the file holds is corrupt; this also bounds the reads below.
             if (len(l1) - l1.count(0)) * geo.l2_bytes > file_size:
@@ -245,7 +275,8 @@ class QcowDisk(Disk):
             limit = file_size if not readonly else READER_LIMIT
             for index, l2_offset in enumerate(l1):
                 if l2_offset:
-                    problem = geo.table_problem(l2_offset, limit)
+                    problem = geo.table_problem(l2_offset, limit,
+                                                not readonly)
                     if problem:
                         raise CorruptImage(path, FORMAT, problem,
                                            f"L1 entry {index}")
@@ -334,16 +365,27 @@ class QcowDisk(Disk):
         table = self._l2.get(l2_offset)
         if table is not None:
             return table
-        table = be64_array(self.file.read(self.geo.l2_bytes, l2_offset))
-        # Two C-speed tests pass a table of plain clusters; the loop
-        # names the bad entry (and checks compressed ones).
+        raw = self.file.read(self.geo.l2_bytes, l2_offset)
+        table = be64_array(raw)
+        # Entries past the end of the disk are never read, and qemu looks
+        # at none of them: they are left out.
+        if l2_offset == self._last_table[0]:
+            used = self._last_table[1]
+            table[used:] = array.array("Q", bytes(8 * (len(table) - used)))
+            raw = be64_bytes(table)
+        # C-speed tests pass a table of sector-aligned plain clusters; the
+        # loop names the bad entry (and checks compressed ones).
         limit = READER_LIMIT if self.readonly else self._file_size
         top = max(table)
         if top and (top >= QCOW_OFLAG_COMPRESSED or
                     top + self.cluster_size > limit or
+                    raw[7::8].count(0) != len(table) or
+                    raw[6::8].translate(_LOW_BIT).count(0) != len(table) or
+                    not self.readonly and
                     min(set(table) - {0}) < self.geo.metadata_end):
             for index, entry in enumerate(table):
-                problem = entry and self.geo.entry_problem(entry, limit)
+                problem = entry and self.geo.entry_problem(
+                    entry, limit, not self.readonly)
                 if problem:
                     self._corrupt(problem, f"L2 table at {l2_offset:#x} "
                                   f"entry {index}")

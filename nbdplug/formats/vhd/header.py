@@ -99,12 +99,16 @@ def validate(file, path, tolerate=None):
     header version, a dynamic header checksum mismatch, a fixed disk
     shorter than its size (the rest reads as zeros).
     """
-    tolerate = tolerate or _raise
     file_size = file.size()
     if file_size < SECTOR:
         raise CorruptImage(path, FMT, "file is too small for a VHD footer",
                            "footer")
-    end = bytes(file.read(SECTOR, file_size - SECTOR))
+    # A reader, as qemu, takes the file in whole sectors: a footer cut
+    # short (by a copy that lost its last bytes) ends in zeros.
+    footer_at = (file_size if tolerate is None else
+                 round_up(file_size, SECTOR)) - SECTOR
+    tolerate = tolerate or _raise
+    end = bytes(file.read(SECTOR, footer_at))
     head = bytes(file.read(SECTOR, 0))
     footer_end, footer_head = _parse_footer(end), _parse_footer(head)
     copy_valid = footer_head is not None and \
@@ -118,6 +122,11 @@ def validate(file, path, tolerate=None):
         # is what the specification keeps the end footer for (qemu
         # refuses it, README "Deliberate leniencies").
         footer, raw = footer_end, end
+    elif footer_head is not None and footer_head.disk_type not in SUBFORMATS:
+        # A sound copy of a disk type we do not read (qemu reads it as a
+        # fixed disk): refused below for its type, README "Deliberate
+        # refusals".
+        footer, raw = footer_head, head
     elif COOKIE in (end[:8], head[:8]):
         raise CorruptImage(path, FMT, "footer checksum mismatch",
                            "footer.checksum")
@@ -141,7 +150,7 @@ def validate(file, path, tolerate=None):
                   copy_valid=copy_valid, unique_id=footer.unique_id,
                   creator=footer.creator_application.decode("latin-1"))
     if footer.disk_type == FIXED:
-        if file_size - SECTOR < size:
+        if footer_at < size:
             tolerate(CorruptImage(path, FMT, f"file of {file_size} bytes is "
                                   f"too short for a disk of {size}",
                                   "footer.current_size"))

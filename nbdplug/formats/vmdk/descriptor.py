@@ -73,8 +73,13 @@ class Descriptor:
         return self.parent_hint is not None
 
 
-def parse(data, path, fmt="vmdk"):
-    """Parse descriptor bytes (text up to the first NUL) from `path`."""
+def parse(data, path, fmt="vmdk", lenient=False):
+    """Parse descriptor bytes (text up to the first NUL) from `path`.
+
+    `lenient` (the embedded descriptor of a sparse extent opened to read,
+    where the header, not the text, gives the layout) skips lines it does
+    not understand and keeps the first of a key given twice, as qemu,
+    which only looks for the keys it needs."""
     def corrupt(reason, field="descriptor", cls=CorruptImage):
         return cls(path, fmt, reason, field)
 
@@ -86,32 +91,45 @@ def parse(data, path, fmt="vmdk"):
     pos = 0
     for number, raw in enumerate(data.split(b"\n"), 1):
         start, pos = pos, pos + len(raw) + 1
-        if len(raw) > MAX_LINE:
-            raise corrupt(f"line {number} is longer than {MAX_LINE} bytes")
-        line = raw.strip().removeprefix(_BOM).strip()
-        if not line or line.startswith(b"#"):
-            continue
-        m = _EXTENT.match(line)
-        if m:
-            if len(extents) >= MAX_EXTENTS:
-                raise corrupt(f"more than {MAX_EXTENTS} extents")
-            extents.append(_extent(m, number, corrupt))
-            continue
-        m = _KEY.match(line)
-        if not m:
-            shown = line[:40].decode("ascii", "backslashreplace")
-            raise corrupt(f"line {number} is not understood: {shown!r}")
-        key = m.group(1).decode()
-        if key in keys:
-            raise corrupt(f"line {number}: {key} is given twice")
-        keys[key] = _unquote(m.group(2)).decode("utf-8", "surrogateescape")
-        if key == "CID":
+        try:
+            line = _line(raw, number, keys, extents, corrupt)
+        except (CorruptImage, UnsupportedFeature):
+            if lenient:
+                continue
+            raise
+        if line is not None:
             c = _CID.match(line)
-            if not c:
-                raise corrupt("is not a 32-bit hexadecimal number", "CID")
             first = start + raw.index(line) + len(c.group(1))
             cid_span = (first, first + len(c.group(2)))
-    return _interpret(keys, extents, cid_span, corrupt)
+    return _interpret(keys, extents, cid_span, corrupt, lenient)
+
+
+def _line(raw, number, keys, extents, corrupt):
+    """Take one line into `keys` or `extents`; return the stripped line
+    if it sets the CID."""
+    if len(raw) > MAX_LINE:
+        raise corrupt(f"line {number} is longer than {MAX_LINE} bytes")
+    line = raw.strip().removeprefix(_BOM).strip()
+    if not line or line.startswith(b"#"):
+        return None
+    m = _EXTENT.match(line)
+    if m:
+        if len(extents) >= MAX_EXTENTS:
+            raise corrupt(f"more than {MAX_EXTENTS} extents")
+        extents.append(_extent(m, number, corrupt))
+        return None
+    m = _KEY.match(line)
+    if not m:
+        shown = line[:40].decode("ascii", "backslashreplace")
+        raise corrupt(f"line {number} is not understood: {shown!r}")
+    key = m.group(1).decode()
+    if key in keys:
+        raise corrupt(f"line {number}: {key} is given twice")
+    value = _unquote(m.group(2)).decode("utf-8", "surrogateescape")
+    if key == "CID" and not _CID.match(line):
+        raise corrupt("is not a 32-bit hexadecimal number", "CID")
+    keys[key] = value
+    return line if key == "CID" else None
 
 
 def _unquote(value):
@@ -144,7 +162,18 @@ def _extent(m, number, corrupt):
                       int(offset or 0))
 
 
-def _interpret(keys, extents, cid_span, corrupt):
+def _interpret(keys, extents, cid_span, corrupt, lenient=False):
+    if lenient:
+        # Only what reading takes: the CID and the parent (qemu reads no
+        # more), unusable values dropped.
+        keys = dict(keys)
+        for key, check in (("version", ("1", "2", "3").__contains__),
+                           ("createType", CREATE_TYPES.__contains__),
+                           ("parentCID", _is_hex), ("CID", _is_hex),
+                           ("parentFileNameHint", bool)):
+            if key in keys and not check(keys[key]):
+                del keys[key]
+        keys.setdefault("createType", "monolithicSparse")
     version = keys.get("version", "1")
     if version not in ("1", "2", "3"):
         raise corrupt(f"descriptor version {version!r} is not supported",
@@ -162,11 +191,15 @@ def _interpret(keys, extents, cid_span, corrupt):
     if hint is not None and not hint:
         raise corrupt("is empty", "parentFileNameHint")
     return Descriptor(int(version), cid, parent_cid, create_type, hint,
-                      extents, keys, cid_span)
+                      extents, keys, cid_span if "CID" in keys else None)
+
+
+def _is_hex(text):
+    return re.fullmatch(r"[0-9a-fA-F]{1,8}", text) is not None
 
 
 def _hex(text, field, corrupt):
-    if not re.fullmatch(r"[0-9a-fA-F]{1,8}", text):
+    if not _is_hex(text):
         raise corrupt("is not a 32-bit hexadecimal number", field)
     return int(text, 16)
 

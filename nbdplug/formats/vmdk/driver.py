@@ -107,13 +107,15 @@ class VmdkDisk(Disk):
             if head[:4] == SPARSE_MAGIC:
                 ext = SparseExtent(path, file, 0, None, "RW", readonly)
                 desc = ext.embedded_descriptor()
-                if desc is None or desc.cid is None:
+                if desc is None or desc.cid is None and not (
+                        readonly and any("CID" in k for k in desc.keys)):
                     # qemu and libvmdk refuse it too: nothing says how
-                    # the extent is used, or what its CID is.
+                    # the extent is used, or what its CID is.  (qemu
+                    # reads on if it finds "CID" anywhere: a reader too.)
                     raise CorruptImage(path, FMT, "embedded descriptor is "
                                        "missing or blank (no CID)",
                                        "descriptor")
-                base = ext.geo.descriptor[0]
+                base = ext.descriptor_offset
                 extents = [ext]
             else:
                 size, limit = file.size(), descriptor.MAX_DESCRIPTOR

@@ -35,6 +35,7 @@ import zlib
 from nbdplug.cache import Cache
 from nbdplug.disk import BACKING, COMPRESSED, DATA, ZERO
 from nbdplug.errors import CorruptImage, UnsupportedFeature
+from nbdplug.hostfile import beyond_qemu_reach
 from . import descriptor
 from .extent import Extent
 from .structs import (COMPRESSION_DEFLATE, FLAG_MARKERS, FLAG_REDUNDANT_GD,
@@ -50,6 +51,7 @@ FMT = "vmdk"
 # whole when compressed or partly written, so its size bounds the memory a
 # request takes.  64 TiB is above VMware's 62 TB maximum disk.
 MAX_GRAIN_SECTORS = 1 << 15
+QEMU_MAX_GRAIN = 1 << 21       # sectors (block/vmdk.c, vmdk_add_extent)
 MAX_GTES = 512
 MAX_CAPACITY_SECTORS = 1 << 37
 MAX_GD_ENTRIES = 1 << 22
@@ -79,8 +81,13 @@ class Geometry:
     footer: typing.Optional[int]  # offset of the footer in use, if any
 
 
-def read_geometry(file, path, file_size):
-    """Read and validate the header (and the footer it may defer to)."""
+def read_geometry(file, path, file_size, strict=True):
+    """Read and validate the header (and the footer it may defer to).
+
+    A reader (`strict` false) is as lenient as qemu where that is safe:
+    any grain size within the bound, markers ignored when grains are not
+    compressed, a directory past the end of the file read as zeros, and a
+    descriptor the header places badly read where qemu reads it."""
     def corrupt(reason, field=None):
         return CorruptImage(path, FMT, reason, field)
 
@@ -94,20 +101,31 @@ def read_geometry(file, path, file_size):
         raise corrupt("not a hosted sparse extent", "magicNumber")
     if hdr.version not in (1, 2, 3):
         raise unsupported(f"{hdr.version} is not supported", "version")
+    if hdr.capacity == 0 and hdr.descriptorOffset:
+        # qemu then takes the file for a descriptor naming its extents.
+        raise corrupt("0 sectors with an embedded descriptor: not a "
+                      "sparse extent of its own", "capacity")
     # Unknown flags are ignored, as qemu ignores them.
     # The end-of-line test characters (a text-mode transfer would damage
     # them) are not checked: qemu ignores them, and the tables say more.
     # As qemu: the algorithm says whether grains are compressed (deflate)
     # or not (any other value); the flag does not.
     compressed = hdr.compressAlgorithm == COMPRESSION_DEFLATE
-    if hdr.flags & FLAG_MARKERS and not compressed:
+    if hdr.flags & FLAG_MARKERS and not compressed and strict:
         raise unsupported("markers without compression are not supported",
                           "flags")
+    if compressed and not hdr.flags & FLAG_MARKERS:
+        # (qemu reads such grains without a marker, and fails on ours)
+        raise unsupported("compression without markers is not supported",
+                          "flags")
     grain_sectors = hdr.grainSize
-    if not 1 <= grain_sectors <= MAX_GRAIN_SECTORS or \
-            grain_sectors & (grain_sectors - 1):
+    # A reader holds only a compressed grain whole: an uncompressed one
+    # may be as large as qemu lets it be.
+    most = MAX_GRAIN_SECTORS if strict or compressed else QEMU_MAX_GRAIN
+    if not 1 <= grain_sectors <= most or \
+            strict and grain_sectors & (grain_sectors - 1):
         raise corrupt(f"{grain_sectors} sectors is not a power of two up to "
-                      f"{MAX_GRAIN_SECTORS}", "grainSize")
+                      f"{most}", "grainSize")
     if not 1 <= hdr.numGTEsPerGT <= MAX_GTES:
         raise corrupt(f"{hdr.numGTEsPerGT} entries per grain table (1 to "
                       f"{MAX_GTES} are valid)", "numGTEsPerGT")
@@ -121,28 +139,39 @@ def read_geometry(file, path, file_size):
         footer = file_size - 3 * SECTOR
         tables = _footer(file, path, hdr, footer)
         limit, space = footer, "the file before its footer"
+    if tables.overHead > -(-file_size // SECTOR):
+        # (as qemu, which refuses it: "File truncated")
+        raise corrupt(f"file truncated: {file_size} bytes, shorter than "
+                      f"the {tables.overHead} sectors of metadata the "
+                      "header counts", "overHead")
     grain = grain_sectors * SECTOR
     gd_entries = -(-hdr.capacity // (grain_sectors * hdr.numGTEsPerGT))
     if gd_entries > MAX_GD_ENTRIES:
         raise unsupported(f"{gd_entries} grain tables are more than "
                           f"{MAX_GD_ENTRIES}", "capacity")
     gd_bytes = gd_entries * GTE_SIZE
-    gd_offset = _within(tables.gdOffset, gd_bytes, limit, space,
-                        "gdOffset", corrupt)
+    if strict:
+        gd_offset = _within(tables.gdOffset, gd_bytes, limit, space,
+                            "gdOffset", corrupt)
+    else:
+        # Where qemu reads it: the sector count times 512 modulo 2**64,
+        # over the header or past the end of the file (zeros) if so.
+        gd_offset = (tables.gdOffset * SECTOR) & ((1 << 64) - 1)
+        if beyond_qemu_reach(gd_offset, gd_bytes):
+            raise corrupt(f"{gd_bytes} bytes at sector {tables.gdOffset} "
+                          "lie past what a file can hold", "gdOffset")
     rgd_offset = None
-    if hdr.flags & FLAG_REDUNDANT_GD and tables.rgdOffset and \
-            tables.rgdOffset * SECTOR + gd_bytes <= limit:
-        # (one outside the file is left alone, as qemu reads only the
-        # primary directory)
-        rgd_offset = tables.rgdOffset * SECTOR
+    if hdr.flags & FLAG_REDUNDANT_GD and tables.rgdOffset:
+        if beyond_qemu_reach(tables.rgdOffset * SECTOR, gd_bytes):
+            raise corrupt(f"{gd_bytes} bytes at sector {tables.rgdOffset} "
+                          "lie past what a file can hold", "rgdOffset")
+        if tables.rgdOffset * SECTOR + gd_bytes <= limit:
+            # (one outside the file is left alone, as qemu reads only
+            # the primary directory)
+            rgd_offset = tables.rgdOffset * SECTOR
     desc = None
     if hdr.descriptorSize:
-        if hdr.descriptorSize * SECTOR > descriptor.MAX_DESCRIPTOR:
-            raise corrupt(f"{hdr.descriptorSize} sectors is more than a "
-                          "descriptor may take", "descriptorSize")
-        desc = (_within(hdr.descriptorOffset, hdr.descriptorSize * SECTOR,
-                        file_size, "the file", "descriptorOffset", corrupt),
-                hdr.descriptorSize * SECTOR)
+        desc = _descriptor_region(hdr, file_size, strict, corrupt)
     return Geometry(
         grain=grain, capacity=hdr.capacity * SECTOR,
         gtes=hdr.numGTEsPerGT, gt_bytes=hdr.numGTEsPerGT * GTE_SIZE,
@@ -151,6 +180,28 @@ def read_geometry(file, path, file_size):
         compressed=compressed,
         zeroed_grain=bool(hdr.flags & FLAG_ZEROED_GRAIN),
         unclean=bool(hdr.uncleanShutdown), limit=limit, footer=footer)
+
+
+# Where qemu reads an embedded descriptor whatever the header says: the
+# 20 sectors after the header (block/vmdk.c, DESC_SIZE).
+QEMU_DESCRIPTOR = (SECTOR, 20 * SECTOR)
+
+
+def _descriptor_region(hdr, file_size, strict, corrupt):
+    """(offset, length) of the embedded descriptor.  A writer refuses one
+    the header places outside the file or makes too large; for a reader
+    there is then none (embedded_descriptor() looks where qemu does)."""
+    length = hdr.descriptorSize * SECTOR
+    try:
+        if length > descriptor.MAX_DESCRIPTOR:
+            raise corrupt(f"{hdr.descriptorSize} sectors is more than a "
+                          "descriptor may take", "descriptorSize")
+        return (_within(hdr.descriptorOffset, length, file_size, "the file",
+                        "descriptorOffset", corrupt), length)
+    except CorruptImage:
+        if strict:
+            raise
+        return None
 
 
 def _within(sector, length, limit, space, field, corrupt):
@@ -205,7 +256,8 @@ class SparseExtent(Extent):
     kind = "SPARSE"
 
     def __init__(self, path, file, start, length, access, readonly):
-        self.geo = geo = read_geometry(file, path, file.size())
+        self.geo = geo = read_geometry(file, path, file.size(),
+                                       strict=not readonly)
         if length is None:
             length = geo.capacity
         elif length > geo.capacity:
@@ -233,6 +285,7 @@ class SparseExtent(Extent):
         self._bad_tables = set()
         self.next_sector = None     # where the next grain goes (writable)
         self._footer_stale = False
+        self.descriptor_offset = None   # set by embedded_descriptor()
 
     def _read_table(self, offset, length):
         return _table(self.file.read(length, offset))
@@ -241,14 +294,23 @@ class SparseExtent(Extent):
         return CorruptImage(self.path, FMT, reason, field)
 
     def embedded_descriptor(self):
-        """The descriptor text inside this extent, parsed, or None."""
-        if self.geo.descriptor is None:
-            return None
-        offset, length = self.geo.descriptor
-        text = bytes(self.file.read(length, offset)).split(b"\0", 1)[0]
-        if not text.strip():
-            return None     # qemu leaves split extents' areas empty
-        return descriptor.parse(text, self.path)
+        """The descriptor text inside this extent, parsed, or None.  A
+        reader whose header places it where no CID is found reads it
+        where qemu does, whatever the header says."""
+        desc = None
+        for region in (self.geo.descriptor,
+                       QEMU_DESCRIPTOR if self.readonly else None):
+            if region is None:
+                continue
+            offset, length = region
+            text = bytes(self.file.read(length, offset)).split(b"\0", 1)[0]
+            if not text.strip():
+                continue    # qemu leaves split extents' areas empty
+            desc = descriptor.parse(text, self.path, lenient=self.readonly)
+            self.descriptor_offset = offset
+            if desc.cid is not None:
+                break
+        return desc
 
     # --- validation (open and check) ------------------------------------
 
@@ -258,13 +320,13 @@ class SparseExtent(Extent):
         Each fault goes to `problem(CorruptImage)`, which raises when
         opening and collects when checking.  Tables with faults are left
         out of later walks.  `strict` (writable or checking) also refuses
-        grains below overHead.  A reader, as qemu, reads only the primary
-        directory (a redundant one with faults is dropped), and takes a
-        table or grain past the end of the file as zeros.
+        tables that overlap and grains below overHead.  A reader, as qemu,
+        reads only the primary directory, lets tables overlap (reading
+        them harms nothing), and takes a table or grain past the end of
+        the file as zeros.
         """
         geo = self.geo
-        if not strict and self.rgd is not None and \
-                self._redundant_faults():
+        if not strict:
             self.rgd = None
         # (offset, length, name, GD index) of every piece of metadata
         regions = [(0, SECTOR, "header", None),
@@ -290,7 +352,7 @@ class SparseExtent(Extent):
                     continue
                 regions.append((sector * SECTOR, geo.gt_bytes, name, gdi))
         regions.sort()
-        for a, b in zip(regions, regions[1:]):
+        for a, b in zip(regions, regions[1:]) if strict else ():
             if a[0] + a[1] > b[0]:
                 problem(self._corrupt(f"overlaps the {_region(a)}",
                                       _region(b)))
@@ -307,15 +369,6 @@ class SparseExtent(Extent):
             tail = max(0, self.file.size() - geo.overhead)
             self.next_sector = (geo.overhead + -(-tail // self.grain) *
                                 self.grain) // SECTOR
-
-    def _redundant_faults(self):
-        """Whether the redundant directory points past the end of the
-        file or over the primary's tables."""
-        limit, size = self.geo.limit, self.geo.gt_bytes
-        primary = {sector for sector in self.gd if sector}
-        return any(sector and (sector * SECTOR + size > limit or
-                               sector in primary)
-                   for sector in self.rgd)
 
     def _directories(self):
         yield "grain directory", self.gd
@@ -355,12 +408,18 @@ class SparseExtent(Extent):
         the tables if `strict`), each compressed grain's marker.  Refused
         entries read as unallocated.  Returns the end of the last
         compressed grain."""
+        # Entries past the capacity are never read, and qemu looks at
+        # none of them: they are left out.
+        used = max(0, -(-self.geo.capacity // self.grain) -
+                   gdi * self.geo.gtes)
+        if used < len(table):
+            table[used:] = array.array("I", bytes(4 * (len(table) - used)))
+        if max(table) <= self._unalloc_max:
+            return 0
         if not self.compressed and max(table) * SECTOR < self.limit and (
                 not strict or min(filter(None, table)) * SECTOR >=
                 self.geo.overhead):
             return 0                    # the usual case, at C speed
-        if max(table) <= self._unalloc_max:
-            return 0
         end = 0
         for i, entry in enumerate(table):
             if entry <= self._unalloc_max:
@@ -413,7 +472,8 @@ class SparseExtent(Extent):
                                 field)
         marker = GRAIN_MARKER.unpack_from(
             self.file.read(GRAIN_MARKER.size, offset))
-        if marker.val != gi * (self.grain // SECTOR):
+        if marker.val != gi * (self.grain // SECTOR) and not self.readonly:
+            # (qemu, reading, never looks at it)
             raise self._corrupt(f"marker names sector {marker.val}", field)
         bound = compress_bound(self.grain)
         if not 0 < marker.size <= bound:
@@ -455,10 +515,26 @@ class SparseExtent(Extent):
             yield gi, within, take
             offset += take
 
+    def _entries(self, offset, length):
+        """(grain index, offset in grain, length, entry) over a range; a
+        grain table never stored is one piece (a sparse disk of terabytes
+        is mostly those)."""
+        span, end = self.grain * self.geo.gtes, offset + length
+        while offset < end:
+            gdi = offset // span
+            if not self.gd[gdi] or gdi in self._bad_tables:
+                take = min(end, (gdi + 1) * span) - offset
+                yield offset // self.grain, offset % self.grain, take, 0
+                offset += take
+                continue
+            stop = min(end, (gdi + 1) * span)
+            for gi, within, take in self._pieces(offset, stop - offset):
+                yield gi, within, take, self.lookup(gi)
+            offset = stop
+
     def segments(self, offset, length):
         out = []
-        for gi, within, take in self._pieces(offset, length):
-            entry = self.lookup(gi)
+        for gi, within, take, entry in self._entries(offset, length):
             if entry > self._unalloc_max:
                 if self.compressed:
                     out.append((COMPRESSED, take, gi))
@@ -493,6 +569,10 @@ class SparseExtent(Extent):
         if inflater.unconsumed_tail or not inflater.eof:
             raise self._corrupt("does not inflate to one grain",
                                 f"grain {gi}")
+        if len(data) < min(self.grain, self.length - gi * self.grain):
+            # (qemu fails a read past what the grain inflates to)
+            raise self._corrupt(f"inflates to {len(data)} bytes, short of "
+                                "a grain", f"grain {gi}")
         data = data.ljust(self.grain, b"\0")
         self._remember(gi, data)
         return data

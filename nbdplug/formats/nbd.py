@@ -10,6 +10,13 @@ takes them as options.  The export is a raw disk to us (the server
 interprets the image format).  libnbd handles are thread-safe, so one
 handle serves every thread; it runs one command at a time.
 
+A server can vanish without closing the connection (stopped, its host
+gone, packets dropped): libnbd's synchronous calls would then wait for
+ever.  A disk opened with `quiet` (a moving disk's source) runs each
+command through libnbd's asynchronous calls instead and gives it up,
+closing the connection without a word to the server, once the server
+has sent nothing for that many seconds.
+
 A URI is trusted like a command-line path (it may name local key files):
 it comes from the person running us, never from inside an image.
 """
@@ -42,10 +49,12 @@ def is_uri(path):
 class NbdDisk(Disk):
     format_name = "raw"
 
-    def __init__(self, uri, handle, readonly):
+    def __init__(self, uri, handle, readonly, quiet=None):
         super().__init__(uri, handle.get_size(), readonly)
         nbd = _nbd()
         self._h = handle
+        self.quiet = quiet
+        self._turn = threading.Lock()   # one bounded command at a time
         self.can_trim = handle.can_trim()
         self.can_zero = True            # emulated with writes if need be
         self.can_multi_conn = handle.can_multi_conn()
@@ -61,7 +70,9 @@ class NbdDisk(Disk):
         self._tls = handle.get_tls_negotiated()
 
     @classmethod
-    def open(cls, uri, fmt=None, readonly=True, options=None):
+    def open(cls, uri, fmt=None, readonly=True, options=None, quiet=None):
+        """`quiet`: seconds of silence from the server after which the
+        handshake or a command is given up (None: wait for ever)."""
         if fmt not in (None, "raw"):
             raise UsageError(f"{uri}: an NBD export is read as raw (the "
                              f"server opens its image format), not {fmt}")
@@ -81,7 +92,7 @@ class NbdDisk(Disk):
                 h.set_tls_psk_file(options["tls-psk-file"])
             if "tls-username" in options:
                 h.set_tls_username(options["tls-username"])
-            _connect(h, uri, options)
+            _connect(h, uri, options, quiet)
         except nbd.Error as e:
             raise ImageError(uri, "nbd", _reason(e)) from None
         except OSError as e:
@@ -90,22 +101,29 @@ class NbdDisk(Disk):
             _disconnect(h)
             raise ReadOnlyDisk(uri, "nbd", "the server offers this export "
                                "read-only")
-        return cls(uri, h, readonly)
+        return cls(uri, h, readonly, quiet)
 
     # --- data ---------------------------------------------------------
 
-    def pread(self, buf, offset):
+    def pread(self, buf, offset, quiet=None):
+        """`quiet`: this call's bound on the server's silence, if shorter
+        than the disk's."""
         view = memoryview(buf).cast("B")
         for pos, n in _chunks(len(view), offset, self.max_block):
-            start = pos - offset
-            view[start:start + n] = self._call("read", pos, self._h.pread,
-                                               n, pos)
+            part = view[pos - offset:pos - offset + n]
+            if self.quiet is None:
+                part[:] = self._call("read", pos, self._h.pread, n, pos)
+            else:
+                self._bounded("read", pos, quiet, lambda h: h.aio_pread(
+                    _nbd().Buffer.from_buffer(part), pos))
 
-    def read(self, count, offset):
-        # One request: libnbd's bytes as they are, without another copy.
-        if count > self.max_block:
-            return super().read(count, offset)
+    def read(self, count, offset, quiet=None):
         check_request(self, count, offset)
+        if count > self.max_block or self.quiet is not None:
+            buf = bytearray(count)
+            self.pread(buf, offset, quiet)
+            return memoryview(buf)
+        # One request: libnbd's bytes as they are, without another copy.
         return memoryview(self._call("read", offset, self._h.pread, count,
                                      offset))
 
@@ -154,7 +172,7 @@ class NbdDisk(Disk):
 
     # --- allocation ---------------------------------------------------
 
-    def map(self, count, offset):
+    def map(self, count, offset, quiet=None):
         """Runs from the server's base:allocation block status (all data
         when it has none).  Every byte is present in this one layer."""
         if not self._status:
@@ -170,8 +188,13 @@ class NbdDisk(Disk):
                     replies.append(entries)
                 return 0
 
-            self._call("block status", pos, self._h.block_status,
-                       min(end - pos, MAX_RANGE), pos, extent)
+            n = min(end - pos, MAX_RANGE)
+            if self.quiet is None:
+                self._call("block status", pos, self._h.block_status, n,
+                           pos, extent)
+            else:
+                self._bounded("block status", pos, quiet, lambda h:
+                              h.aio_block_status(n, pos, extent))
             before = pos
             # Only the first reply counts; a server's lengths are clipped
             # to what was asked, and a reply must make progress.
@@ -197,6 +220,14 @@ class NbdDisk(Disk):
                 "tls": self._tls}
 
     def close(self):
+        if self.quiet is not None:
+            # Nothing to flush (read-only), and a server that went
+            # silent would not answer a disconnect.
+            with self._turn:
+                h, self._h = self._h, None
+            if h is not None:
+                _abandon(h)
+            return
         h, self._h = self._h, None
         if h is None:
             return
@@ -216,22 +247,61 @@ class NbdDisk(Disk):
             err.errno = getattr(errno, e.errno or "", None) or errno.EIO
             raise err from None
 
+    def _bounded(self, what, offset, quiet, issue):
+        """Run the command `issue(handle)` starts (returning its cookie),
+        waiting for the handle's turn and then for the server while it
+        is silent for no longer than `quiet` (the disk's bound at most).
+        Given up, the connection is closed and this disk reads no more."""
+        quiet = self.quiet if quiet is None else min(quiet, self.quiet)
+        if not self._turn.acquire(timeout=max(quiet, 0)):
+            raise self._silent(what, offset, quiet)
+        try:
+            h = self._h
+            if h is None:
+                raise ImageError(self.path, "nbd", f"{what} at {offset}: "
+                                 "the connection was given up")
+            try:
+                cookie = issue(h)
+                if not _run_until(h, lambda: h.aio_command_completed(
+                        cookie), quiet):
+                    self._h = None
+                    _abandon(h)
+                    raise self._silent(what, offset, quiet)
+            except _nbd().Error as e:
+                err = ImageError(self.path, "nbd", f"{what} at {offset}: "
+                                 f"{_reason(e)}")
+                err.errno = getattr(errno, e.errno or "", None) or errno.EIO
+                raise err from None
+        finally:
+            self._turn.release()
+
+    def _silent(self, what, offset, quiet):
+        err = ImageError(self.path, "nbd", f"{what} at {offset}: the "
+                         f"server said nothing for {quiet:.1f} s")
+        err.errno = errno.EIO
+        return err
+
 
 class Reconnecting(Disk):
     """An export read through a connection that comes back (a moving
     disk's source): a failed command drops the connection and tries
     again with backoff for up to `patience` seconds (None: until `stop`
-    is set), then fails that request alone with EIO.  It connects on
-    first use, so a disk whose source is away still opens.  `fetched`
-    counts the bytes read; `reachable` says how the last try went."""
+    is set), then fails that request alone with EIO.  A server that
+    vanished without closing the connection counts as failed once it has
+    been silent for the patience left (at most `quiet` seconds).  It
+    connects on first use, so a disk whose source is away still opens.
+    `fetched` counts the bytes read; `reachable` says how the last try
+    went."""
 
     format_name = "raw"
     FIRST_DELAY = 0.05
     MAX_DELAY = 2.0
+    QUIET = 30.0
 
-    def __init__(self, uri, size, patience=None, stop=None):
+    def __init__(self, uri, size, patience=None, stop=None, quiet=None):
         super().__init__(uri, size, True)
         self.patience = patience
+        self.quiet = quiet or min(patience or self.QUIET, self.QUIET)
         self.stop = stop or threading.Event()
         self.fetched = 0
         self.on_read = None     # called after each read (counts it)
@@ -241,18 +311,25 @@ class Reconnecting(Disk):
         self._disk = None
         self._lock = threading.Lock()
 
-    def _connected(self):
+    def _connected(self, quiet):
+        with self._lock:
+            if self._disk is not None:
+                return self._disk
+        # Connected outside the lock: a source that accepts and then says
+        # nothing holds only the threads that need it.
+        disk = NbdDisk.open(self.path, None, True, quiet=quiet)
+        if disk.size != self.size:
+            disk.close()
+            raise _SizeChanged(self.path, "nbd", f"the export is "
+                               f"{disk.size} bytes, not {self.size}: not "
+                               "this disk's source")
         with self._lock:
             if self._disk is None:
-                disk = NbdDisk.open(self.path, None, True)
-                if disk.size != self.size:
-                    disk.close()
-                    raise _SizeChanged(self.path, "nbd", f"the export is "
-                                       f"{disk.size} bytes, not "
-                                       f"{self.size}: not this disk's "
-                                       "source")
-                self._disk = disk
-            return self._disk
+                self._disk, disk = disk, None
+            current = self._disk
+        if disk is not None:            # another thread connected first
+            disk.close()
+        return current
 
     def _drop(self, disk):
         with self._lock:
@@ -266,9 +343,11 @@ class Reconnecting(Disk):
         delay = self.FIRST_DELAY
         while True:
             disk = None
+            quiet = self.quiet if deadline is None else \
+                min(self.quiet, max(deadline - time.monotonic(), 0.001))
             try:
-                disk = self._connected()
-                result = what(disk)
+                disk = self._connected(quiet)
+                result = what(disk, quiet)
                 self.reachable, self.down_since = True, None
                 return result
             except _SizeChanged:
@@ -292,11 +371,12 @@ class Reconnecting(Disk):
                 delay = min(delay * 2, self.MAX_DELAY)
 
     def pread(self, buf, offset):
-        self._retry(lambda disk: disk.pread(buf, offset))
+        self._retry(lambda disk, quiet: disk.pread(buf, offset, quiet))
         self._count(len(buf))
 
     def read(self, count, offset):
-        data = self._retry(lambda disk: disk.read(count, offset))
+        data = self._retry(lambda disk, quiet: disk.read(count, offset,
+                                                         quiet))
         self._count(count)
         return data
 
@@ -307,7 +387,8 @@ class Reconnecting(Disk):
             self.on_read()
 
     def map(self, count, offset):
-        return self._retry(lambda disk: disk.map(count, offset))
+        return self._retry(lambda disk, quiet: disk.map(count, offset,
+                                                        quiet))
 
     def files(self):
         return []
@@ -324,8 +405,11 @@ class _SizeChanged(ImageError):
     """The export at a source's URI is not the source any more."""
 
 
-def _connect(h, uri, options):
-    """libnbd 1.14 sends an IPv6 literal as the TLS server name, which
+def _connect(h, uri, options, quiet=None):
+    """Connect and negotiate, giving up once the server has been silent
+    for `quiet` seconds (None: wait for ever).
+
+    libnbd 1.14 sends an IPv6 literal as the TLS server name, which
     RFC 6066 forbids and GnuTLS servers (nbdkit's) refuse.  A pre-shared
     key has no name to check, so there we connect the socket ourselves
     and libnbd sends none; X.509 keeps libnbd's own way (and its check
@@ -335,15 +419,46 @@ def _connect(h, uri, options):
     psk = query.get("tls-psk-file", [options.get("tls-psk-file")])[-1]
     if parts.scheme != "nbds" or ":" not in (parts.hostname or "") or \
             psk is None:
-        return h.connect_uri(uri)
+        if quiet is None:
+            return h.connect_uri(uri)
+        h.aio_connect_uri(uri)
+        return _handshake(h, uri, quiet)
     nbd = _nbd()
     h.set_tls(nbd.TLS_REQUIRE)
     h.set_tls_psk_file(psk)
     if parts.username:
         h.set_tls_username(urllib.parse.unquote(parts.username))
     h.set_export_name(urllib.parse.unquote(parts.path[1:]))
-    sock = socket.create_connection((parts.hostname, parts.port or 10809))
-    h.connect_socket(sock.detach())
+    sock = socket.create_connection((parts.hostname, parts.port or 10809),
+                                    timeout=quiet)
+    sock.settimeout(None)
+    if quiet is None:
+        return h.connect_socket(sock.detach())
+    h.aio_connect_socket(sock.detach())
+    return _handshake(h, uri, quiet)
+
+
+def _handshake(h, uri, quiet):
+    if not _run_until(h, lambda: not h.aio_is_connecting(), quiet):
+        _abandon(h)
+        raise ImageError(uri, "nbd", f"the server said nothing for "
+                         f"{quiet:.1f} s while connecting")
+    if not h.aio_is_ready():
+        h.poll(0)               # raises the reason the handshake failed
+        raise ImageError(uri, "nbd", "the handshake failed")
+
+
+def _run_until(h, done, quiet):
+    """Drive handle `h` until done() (True) or the server is silent for
+    `quiet` seconds (False).  poll releases the GIL while it waits."""
+    heard = time.monotonic()
+    while not done():
+        left = heard + quiet - time.monotonic()
+        if left <= 0:
+            return False
+        if h.poll(max(1, int(left * 1000))) > 0:
+            heard = time.monotonic()
+    return True
 
 
 def _run(pos, length, flags):
@@ -368,6 +483,13 @@ def _reason(e):
     text = e.string or str(e)
     head, sep, rest = text.partition(": ")
     return rest if sep and head.startswith("nbd_") else text
+
+
+def _abandon(h):
+    """Close a handle at once (nbd_close), telling the server nothing:
+    it may be silent, and nbd_shutdown would wait for its answer."""
+    h.__del__()
+    del h._o
 
 
 def _disconnect(h):

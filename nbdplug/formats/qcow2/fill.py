@@ -300,9 +300,11 @@ class Move:
         try:
             for c0, k in claimed:
                 self._copy(source, c0, k)
-                self._throttle(k << cb)
         finally:
             self._release(claimed)
+        # Throttled with nothing claimed: a read of these clusters (now
+        # local) must not wait out the filler's pause.
+        self._throttle(sum(k for _, k in claimed) << cb)
         with self.fill_lock:
             if self.state == "paused":
                 self.state, self.paused_since = "filling", None

@@ -4,8 +4,8 @@ drops every packet): only requests that need the source wait for it.
 
 The moving disk is served by nbdplug; the source by nbdplug too, over
 nbd+unix:// or over nbds:// (TLS with a pre-shared key).  With the source
-stopped, client A reads a cluster that is not local yet: it waits, then
-gets EIO at the patience bound.  Meanwhile client B, on its own
+stopped, clients A and C read a cluster that is not local yet: they wait
+(C behind A's fetch), then get EIO at the patience bound.  Meanwhile client B, on its own
 connection, reads, writes, zeroes, trims, flushes and asks block status
 of local clusters (and zeroes a missing one, which needs nothing from
 the source), all while A still waits.  Once the source runs again, A's
@@ -91,22 +91,22 @@ def test_stopped_source_stalls_only_its_readers(transport, tmp_path):
         nbdplug("migrate", "start", "--no-wait", "--rate", "64K",
                 source.uri, local)
         with served(local, "qcow2") as srv:
-            a, b = connect(srv.uri), connect(srv.uri)
+            a, b, c = (connect(srv.uri) for _ in range(3))
             try:
                 # Local from now on: copied on read, and written.
                 assert b.pread(MiB, 0) == model[:MiB]
                 b.pwrite(b"\x5a" * CLUSTER, 20 * MiB)
                 os.kill(pid_of(source), signal.SIGSTOP)
                 try:
-                    stalled(a, b, model)
+                    stalled([a, c], b, model)
                 finally:
                     os.kill(pid_of(source), signal.SIGCONT)
                 # The source is back: the same read now succeeds.
                 assert a.pread(CLUSTER, 9 * MiB) == \
                     model[9 * MiB:9 * MiB + CLUSTER]
             finally:
-                a.shutdown()
-                b.shutdown()
+                for h in (a, b, c):
+                    h.shutdown()
         st = migrate.status(local)
         assert st["state"] in ("filling", "paused", "stopped"), st
         nbdplug("migrate", "resume", "--rate", "0", local)
@@ -120,23 +120,26 @@ def test_stopped_source_stalls_only_its_readers(transport, tmp_path):
     assert copy.read_bytes() == bytes(expect)
 
 
-def stalled(a, b, model):
-    """A waits on the stopped source; B's local work must not."""
+def stalled(readers, b, model):
+    """The readers (A, and C behind A's fetch of the same cluster) wait
+    on the stopped source; B's local work must not."""
     outcome = {}
 
-    def read_missing():
+    def read_missing(i, h):
         t0 = time.monotonic()
         try:
-            a.pread(CLUSTER, 9 * MiB)
-            outcome["a"] = "read"
+            h.pread(CLUSTER, 9 * MiB)
+            outcome[i] = "read"
         except nbd.Error as e:
-            outcome["a"] = e.errno
-        outcome["a_took"] = time.monotonic() - t0
+            outcome[i] = e.errno
+        outcome[i, "took"] = time.monotonic() - t0
 
-    thread = threading.Thread(target=read_missing)
+    threads = [threading.Thread(target=read_missing, args=(i, h))
+               for i, h in enumerate(readers)]
     t0 = time.monotonic()
-    thread.start()
-    time.sleep(0.2)                     # A is waiting on the source now
+    for thread in threads:
+        thread.start()
+    time.sleep(0.2)                     # they wait on the source now
     for _ in range(20):
         assert b.pread(4096, 64 * 1024) == model[65536:65536 + 4096]
         assert b.pread(8192, CLUSTER - 4096) == \
@@ -152,10 +155,15 @@ def stalled(a, b, model):
     b.block_status(MiB, 0, lambda ctx, off, e, err: extents.append(e))
     assert extents and sum(extents[0][::2]) >= MiB
     b_took = time.monotonic() - t0
-    # Everything B did came before A's answer, and well inside the bound.
-    assert "a" not in outcome, outcome
+    # Everything B did came before the readers' answers, well inside
+    # the bound.
+    assert not outcome, outcome
     assert b_took < PATIENCE / 2, b_took
-    thread.join(PATIENCE * 4)
-    assert not thread.is_alive(), "a read of a stopped source never ended"
-    assert outcome["a"] == "EIO", outcome
-    assert PATIENCE - 0.5 <= outcome["a_took"] < PATIENCE * 2, outcome
+    for thread in threads:
+        thread.join(PATIENCE * 4)
+        assert not thread.is_alive(), "a read of a stopped source hangs"
+    # Each reader gets EIO at the bound (C's wait for A's fetch counts).
+    for i in range(len(readers)):
+        assert outcome[i] == "EIO", outcome
+        assert PATIENCE - 0.5 <= outcome[i, "took"] < PATIENCE * 1.5, \
+            outcome

@@ -337,9 +337,9 @@ class Reconnecting(Disk):
                 self._disk = None
                 disk.close()
 
-    def _retry(self, what):
-        deadline = None if self.patience is None else \
-            time.monotonic() + self.patience
+    def _retry(self, what, deadline=None):
+        if deadline is None and self.patience is not None:
+            deadline = time.monotonic() + self.patience
         delay = self.FIRST_DELAY
         while True:
             disk = None
@@ -374,9 +374,11 @@ class Reconnecting(Disk):
         self._retry(lambda disk, quiet: disk.pread(buf, offset, quiet))
         self._count(len(buf))
 
-    def read(self, count, offset):
+    def read(self, count, offset, deadline=None):
+        """`deadline` (time.monotonic()): when to give up, if not at the
+        end of the patience from now."""
         data = self._retry(lambda disk, quiet: disk.read(count, offset,
-                                                         quiet))
+                                                         quiet), deadline)
         self._count(count)
         return data
 

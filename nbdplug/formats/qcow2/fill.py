@@ -27,6 +27,7 @@ Rules that keep it correct, whoever drives the disk:
   that needs it waits for that fetch.
 """
 
+import errno
 import json
 import os
 import threading
@@ -109,10 +110,16 @@ class Move:
             return
         cb = self.disk.cluster_bits
         first, last = offset >> cb, (offset + length - 1) >> cb
-        claimed = self._claim(first, last - first + 1, wait=True)
+        # One bound for the whole request: waiting for another thread's
+        # fetch of these clusters, then fetching what is still missing.
+        patience = getattr(self.source, "patience", None)
+        deadline = None if patience is None else \
+            time.monotonic() + patience
+        claimed = self._claim(first, last - first + 1, wait=True,
+                              deadline=deadline)
         try:
             for c0, n in claimed:
-                self._copy(self.source, c0, n)
+                self._copy(self.source, c0, n, deadline)
         except ImageError:
             # A move that completed meanwhile closed the source: what is
             # still missing then is what the source holds as zeros.
@@ -121,10 +128,11 @@ class Move:
         finally:
             self._release(claimed)
 
-    def _claim(self, first, n, wait):
+    def _claim(self, first, n, wait, deadline=None):
         """Runs (c0, count) of the missing clusters in [first, first+n),
         now ours to fetch.  With `wait`, clusters another thread is
-        fetching are waited for; without, they are skipped."""
+        fetching are waited for (until `deadline`, then EIO); without,
+        they are skipped."""
         d = self.disk
         while True:
             with d.lock:
@@ -139,7 +147,14 @@ class Move:
                         self.fetching[c] = event
                     return _runs(missing)
             for event in busy:
-                event.wait()
+                left = None if deadline is None else \
+                    deadline - time.monotonic()
+                if not event.wait(left if left is None else max(left, 0)):
+                    err = ImageError(d.path, "qcow2", "source unreachable: "
+                                     "another fetch of these clusters has "
+                                     "not ended")
+                    err.errno = errno.EIO
+                    raise err
 
     def _release(self, claimed):
         with self.disk.lock:
@@ -147,12 +162,16 @@ class Move:
                 for c in range(c0, c0 + n):
                     self.fetching.pop(c).set()
 
-    def _copy(self, source, c0, n):
-        """Fetch clusters [c0, c0 + n) from `source` and store them."""
+    def _copy(self, source, c0, n, deadline=None):
+        """Fetch clusters [c0, c0 + n) from `source` (a remote one giving
+        up at `deadline`, or at the end of its patience) and store them."""
         d = self.disk
         cs = d.cluster_size
         length = min(n * cs, d.size - c0 * cs)
-        buf = source.read(length, c0 * cs)
+        if deadline is None:
+            buf = source.read(length, c0 * cs)
+        else:
+            buf = source.read(length, c0 * cs, deadline=deadline)
         if length < n * cs:                 # the disk ends inside it
             buf = bytes(buf) + bytes(n * cs - length)
         self.store(c0, buf)

@@ -11,17 +11,20 @@ interprets the image format).  libnbd handles are thread-safe, so one
 handle serves every thread; it runs one command at a time.
 
 A server can vanish without closing the connection (stopped, its host
-gone, packets dropped): libnbd's synchronous calls would then wait for
-ever.  A disk opened with `quiet` (a moving disk's source) runs each
-command through libnbd's asynchronous calls instead and gives it up,
-closing the connection without a word to the server, once the server
-has sent nothing for that many seconds.
+gone, packets dropped): libnbd's calls would then wait for ever.  A disk
+opened with a `limit` (a moving disk's source) gives each command that
+many seconds: a watchdog shuts the socket down under a command that runs
+longer, so libnbd fails it at once, and the connection is closed without
+a word to the server.  (Not libnbd's asynchronous reads: python3-libnbd
+1.14 keeps a reference to every buffer given to aio_pread.)
 
 A URI is trusted like a command-line path (it may name local key files):
 it comes from the person running us, never from inside an image.
 """
 
+import contextlib
 import errno
+import os
 import socket
 import threading
 import time
@@ -49,12 +52,14 @@ def is_uri(path):
 class NbdDisk(Disk):
     format_name = "raw"
 
-    def __init__(self, uri, handle, readonly, quiet=None):
+    def __init__(self, uri, handle, readonly, limit=None):
         super().__init__(uri, handle.get_size(), readonly)
         nbd = _nbd()
         self._h = handle
-        self.quiet = quiet
-        self._turn = threading.Lock()   # one bounded command at a time
+        self.limit = limit
+        self._turn = threading.Lock()   # one limited command at a time
+        self._watchdog = None if limit is None else \
+            _Watchdog(handle.aio_get_fd())
         self.can_trim = handle.can_trim()
         self.can_zero = True            # emulated with writes if need be
         self.can_multi_conn = handle.can_multi_conn()
@@ -70,9 +75,9 @@ class NbdDisk(Disk):
         self._tls = handle.get_tls_negotiated()
 
     @classmethod
-    def open(cls, uri, fmt=None, readonly=True, options=None, quiet=None):
-        """`quiet`: seconds of silence from the server after which the
-        handshake or a command is given up (None: wait for ever)."""
+    def open(cls, uri, fmt=None, readonly=True, options=None, limit=None):
+        """`limit`: seconds the handshake and each command may take
+        (None: for ever)."""
         if fmt not in (None, "raw"):
             raise UsageError(f"{uri}: an NBD export is read as raw (the "
                              f"server opens its image format), not {fmt}")
@@ -92,7 +97,7 @@ class NbdDisk(Disk):
                 h.set_tls_psk_file(options["tls-psk-file"])
             if "tls-username" in options:
                 h.set_tls_username(options["tls-username"])
-            _connect(h, uri, options, quiet)
+            _connect(h, uri, options, limit)
         except nbd.Error as e:
             raise ImageError(uri, "nbd", _reason(e)) from None
         except OSError as e:
@@ -101,51 +106,45 @@ class NbdDisk(Disk):
             _disconnect(h)
             raise ReadOnlyDisk(uri, "nbd", "the server offers this export "
                                "read-only")
-        return cls(uri, h, readonly, quiet)
+        return cls(uri, h, readonly, limit)
 
     # --- data ---------------------------------------------------------
 
-    def pread(self, buf, offset, quiet=None):
-        """`quiet`: this call's bound on the server's silence, if shorter
-        than the disk's."""
+    def pread(self, buf, offset, limit=None):
+        """`limit`: this call's limit, if shorter than the disk's."""
         view = memoryview(buf).cast("B")
         for pos, n in _chunks(len(view), offset, self.max_block):
-            part = view[pos - offset:pos - offset + n]
-            if self.quiet is None:
-                part[:] = self._call("read", pos, self._h.pread, n, pos)
-            else:
-                self._bounded("read", pos, quiet, lambda h: h.aio_pread(
-                    _nbd().Buffer.from_buffer(part), pos))
+            start = pos - offset
+            view[start:start + n] = self._call("read", pos, "pread", n, pos,
+                                               limit=limit)
 
-    def read(self, count, offset, quiet=None):
-        check_request(self, count, offset)
-        if count > self.max_block or self.quiet is not None:
-            buf = bytearray(count)
-            self.pread(buf, offset, quiet)
-            return memoryview(buf)
+    def read(self, count, offset, limit=None):
         # One request: libnbd's bytes as they are, without another copy.
-        return memoryview(self._call("read", offset, self._h.pread, count,
-                                     offset))
+        if count > self.max_block:
+            return super().read(count, offset)
+        check_request(self, count, offset)
+        return memoryview(self._call("read", offset, "pread", count,
+                                     offset, limit=limit))
 
     def pwrite(self, buf, offset, fua=False):
         self.check_writable()
         view = memoryview(buf).cast("B")
         for pos, n in _chunks(len(view), offset, self.max_block):
             start = pos - offset
-            self._call("write", pos, self._h.pwrite, view[start:start + n],
+            self._call("write", pos, "pwrite", view[start:start + n],
                        pos, self._fua_flag(fua))
         self._emulate_fua(fua)
 
     def flush(self):
         if self._flush:
-            self._call("flush", 0, self._h.flush)
+            self._call("flush", 0, "flush")
 
     def trim(self, count, offset, fua=False):
         self.check_writable()
         if not self.can_trim:
             return                      # trim is advisory
         for pos, n in _chunks(count, offset, MAX_RANGE):
-            self._call("trim", pos, self._h.trim, n, pos,
+            self._call("trim", pos, "trim", n, pos,
                        self._fua_flag(fua))
         self._emulate_fua(fua)
 
@@ -159,7 +158,7 @@ class NbdDisk(Disk):
         flags = (0 if may_trim else _nbd().CMD_FLAG_NO_HOLE) | \
             self._fua_flag(fua)
         for pos, n in _chunks(count, offset, MAX_RANGE):
-            self._call("zero", pos, self._h.zero, n, pos, flags)
+            self._call("zero", pos, "zero", n, pos, flags)
         self._emulate_fua(fua)
 
     def _fua_flag(self, fua):
@@ -172,7 +171,7 @@ class NbdDisk(Disk):
 
     # --- allocation ---------------------------------------------------
 
-    def map(self, count, offset, quiet=None):
+    def map(self, count, offset, limit=None):
         """Runs from the server's base:allocation block status (all data
         when it has none).  Every byte is present in this one layer."""
         if not self._status:
@@ -188,13 +187,8 @@ class NbdDisk(Disk):
                     replies.append(entries)
                 return 0
 
-            n = min(end - pos, MAX_RANGE)
-            if self.quiet is None:
-                self._call("block status", pos, self._h.block_status, n,
-                           pos, extent)
-            else:
-                self._bounded("block status", pos, quiet, lambda h:
-                              h.aio_block_status(n, pos, extent))
+            self._call("block status", pos, "block_status",
+                       min(end - pos, MAX_RANGE), pos, extent, limit=limit)
             before = pos
             # Only the first reply counts; a server's lengths are clipped
             # to what was asked, and a reply must make progress.
@@ -220,64 +214,55 @@ class NbdDisk(Disk):
                 "tls": self._tls}
 
     def close(self):
-        if self.quiet is not None:
+        if self.limit is not None:
             # Nothing to flush (read-only), and a server that went
             # silent would not answer a disconnect.
             with self._turn:
                 h, self._h = self._h, None
+                self._watchdog.close()
             if h is not None:
                 _abandon(h)
             return
-        h, self._h = self._h, None
-        if h is None:
+        if self._h is None:
             return
         try:
             if not self.readonly and self._flush:
-                self._call("flush", 0, h.flush)
+                self._call("flush", 0, "flush")
         finally:
+            h, self._h = self._h, None
             _disconnect(h)
 
-    def _call(self, what, offset, method, *args):
+    def _call(self, what, offset, method, *args, limit=None):
+        """The handle's `method` (its name) with `args`, given at most
+        the disk's limit (or `limit`, if shorter) when it has one."""
         nbd = _nbd()
+        if self.limit is None:
+            try:
+                return getattr(self._h, method)(*args)
+            except nbd.Error as e:
+                raise _error(self.path, what, offset, e) from None
+        limit = self.limit if limit is None else min(limit, self.limit)
+        if not self._turn.acquire(timeout=max(limit, 0)):
+            raise self._late(what, offset, limit)
         try:
-            return method(*args)
-        except nbd.Error as e:
-            err = ImageError(self.path, "nbd", f"{what} at {offset}: "
-                             f"{_reason(e)}")
-            err.errno = getattr(errno, e.errno or "", None) or errno.EIO
-            raise err from None
-
-    def _bounded(self, what, offset, quiet, issue):
-        """Run the command `issue(handle)` starts (returning its cookie),
-        waiting for the handle's turn and then for the server while it
-        is silent for no longer than `quiet` (the disk's bound at most).
-        Given up, the connection is closed and this disk reads no more."""
-        quiet = self.quiet if quiet is None else min(quiet, self.quiet)
-        if not self._turn.acquire(timeout=max(quiet, 0)):
-            raise self._silent(what, offset, quiet)
-        try:
-            h = self._h
-            if h is None:
+            if self._h is None:
                 raise ImageError(self.path, "nbd", f"{what} at {offset}: "
                                  "the connection was given up")
+            self._watchdog.arm(time.monotonic() + limit)
             try:
-                cookie = issue(h)
-                if not _run_until(h, lambda: h.aio_command_completed(
-                        cookie), quiet):
-                    self._h = None
-                    _abandon(h)
-                    raise self._silent(what, offset, quiet)
-            except _nbd().Error as e:
-                err = ImageError(self.path, "nbd", f"{what} at {offset}: "
-                                 f"{_reason(e)}")
-                err.errno = getattr(errno, e.errno or "", None) or errno.EIO
-                raise err from None
+                return getattr(self._h, method)(*args)
+            except nbd.Error as e:
+                if self._watchdog.fired:
+                    raise self._late(what, offset, limit) from None
+                raise _error(self.path, what, offset, e) from None
+            finally:
+                self._watchdog.disarm()
         finally:
             self._turn.release()
 
-    def _silent(self, what, offset, quiet):
-        err = ImageError(self.path, "nbd", f"{what} at {offset}: the "
-                         f"server said nothing for {quiet:.1f} s")
+    def _late(self, what, offset, limit):
+        err = ImageError(self.path, "nbd", f"{what} at {offset}: no "
+                         f"answer from the server in {limit:.1f} s")
         err.errno = errno.EIO
         return err
 
@@ -286,22 +271,23 @@ class Reconnecting(Disk):
     """An export read through a connection that comes back (a moving
     disk's source): a failed command drops the connection and tries
     again with backoff for up to `patience` seconds (None: until `stop`
-    is set), then fails that request alone with EIO.  A server that
-    vanished without closing the connection counts as failed once it has
-    been silent for the patience left (at most `quiet` seconds).  It
-    connects on first use, so a disk whose source is away still opens.
+    is set), then fails that request alone with EIO.  Each try (the
+    handshake, a command) may take `limit` seconds, or by default the
+    patience left (at most LIMIT): a server that vanished without closing
+    the connection fails it.  It connects on first use, so a disk whose
+    source is away still opens.
     `fetched` counts the bytes read; `reachable` says how the last try
     went."""
 
     format_name = "raw"
     FIRST_DELAY = 0.05
     MAX_DELAY = 2.0
-    QUIET = 30.0
+    LIMIT = 30.0
 
-    def __init__(self, uri, size, patience=None, stop=None, quiet=None):
+    def __init__(self, uri, size, patience=None, stop=None, limit=None):
         super().__init__(uri, size, True)
         self.patience = patience
-        self.quiet = quiet or min(patience or self.QUIET, self.QUIET)
+        self.limit = limit
         self.stop = stop or threading.Event()
         self.fetched = 0
         self.on_read = None     # called after each read (counts it)
@@ -311,13 +297,13 @@ class Reconnecting(Disk):
         self._disk = None
         self._lock = threading.Lock()
 
-    def _connected(self, quiet):
+    def _connected(self, limit):
         with self._lock:
             if self._disk is not None:
                 return self._disk
         # Connected outside the lock: a source that accepts and then says
         # nothing holds only the threads that need it.
-        disk = NbdDisk.open(self.path, None, True, quiet=quiet)
+        disk = NbdDisk.open(self.path, None, True, limit=limit)
         if disk.size != self.size:
             disk.close()
             raise _SizeChanged(self.path, "nbd", f"the export is "
@@ -343,11 +329,13 @@ class Reconnecting(Disk):
         delay = self.FIRST_DELAY
         while True:
             disk = None
-            quiet = self.quiet if deadline is None else \
-                min(self.quiet, max(deadline - time.monotonic(), 0.001))
+            limit = self.limit
+            if limit is None:
+                limit = self.LIMIT if deadline is None else min(
+                    self.LIMIT, max(deadline - time.monotonic(), 0.001))
             try:
-                disk = self._connected(quiet)
-                result = what(disk, quiet)
+                disk = self._connected(limit)
+                result = what(disk, limit)
                 self.reachable, self.down_since = True, None
                 return result
             except _SizeChanged:
@@ -371,14 +359,14 @@ class Reconnecting(Disk):
                 delay = min(delay * 2, self.MAX_DELAY)
 
     def pread(self, buf, offset):
-        self._retry(lambda disk, quiet: disk.pread(buf, offset, quiet))
+        self._retry(lambda disk, limit: disk.pread(buf, offset, limit))
         self._count(len(buf))
 
     def read(self, count, offset, deadline=None):
         """`deadline` (time.monotonic()): when to give up, if not at the
         end of the patience from now."""
-        data = self._retry(lambda disk, quiet: disk.read(count, offset,
-                                                         quiet), deadline)
+        data = self._retry(lambda disk, limit: disk.read(count, offset,
+                                                         limit), deadline)
         self._count(count)
         return data
 
@@ -389,8 +377,8 @@ class Reconnecting(Disk):
             self.on_read()
 
     def map(self, count, offset):
-        return self._retry(lambda disk, quiet: disk.map(count, offset,
-                                                        quiet))
+        return self._retry(lambda disk, limit: disk.map(count, offset,
+                                                        limit))
 
     def files(self):
         return []
@@ -407,9 +395,9 @@ class _SizeChanged(ImageError):
     """The export at a source's URI is not the source any more."""
 
 
-def _connect(h, uri, options, quiet=None):
-    """Connect and negotiate, giving up once the server has been silent
-    for `quiet` seconds (None: wait for ever).
+def _connect(h, uri, options, limit=None):
+    """Connect and negotiate, giving up after `limit` seconds (None: wait
+    for ever; else through libnbd's asynchronous calls, which we drive).
 
     libnbd 1.14 sends an IPv6 literal as the TLS server name, which
     RFC 6066 forbids and GnuTLS servers (nbdkit's) refuse.  A pre-shared
@@ -421,10 +409,10 @@ def _connect(h, uri, options, quiet=None):
     psk = query.get("tls-psk-file", [options.get("tls-psk-file")])[-1]
     if parts.scheme != "nbds" or ":" not in (parts.hostname or "") or \
             psk is None:
-        if quiet is None:
+        if limit is None:
             return h.connect_uri(uri)
         h.aio_connect_uri(uri)
-        return _handshake(h, uri, quiet)
+        return _handshake(h, uri, limit)
     nbd = _nbd()
     h.set_tls(nbd.TLS_REQUIRE)
     h.set_tls_psk_file(psk)
@@ -432,35 +420,75 @@ def _connect(h, uri, options, quiet=None):
         h.set_tls_username(urllib.parse.unquote(parts.username))
     h.set_export_name(urllib.parse.unquote(parts.path[1:]))
     sock = socket.create_connection((parts.hostname, parts.port or 10809),
-                                    timeout=quiet)
+                                    timeout=limit)
     sock.settimeout(None)
-    if quiet is None:
+    if limit is None:
         return h.connect_socket(sock.detach())
     h.aio_connect_socket(sock.detach())
-    return _handshake(h, uri, quiet)
+    return _handshake(h, uri, limit)
 
 
-def _handshake(h, uri, quiet):
-    if not _run_until(h, lambda: not h.aio_is_connecting(), quiet):
-        _abandon(h)
-        raise ImageError(uri, "nbd", f"the server said nothing for "
-                         f"{quiet:.1f} s while connecting")
+def _handshake(h, uri, limit):
+    """Drive the handshake begun by an aio_connect call, for up to
+    `limit` seconds (poll releases the GIL while it waits)."""
+    deadline = time.monotonic() + limit
+    while h.aio_is_connecting():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            _abandon(h)
+            raise ImageError(uri, "nbd", "no answer from the server in "
+                             f"{limit:.1f} s while connecting")
+        h.poll(max(1, int(left * 1000)))
     if not h.aio_is_ready():
-        h.poll(0)               # raises the reason the handshake failed
         raise ImageError(uri, "nbd", "the handshake failed")
 
 
-def _run_until(h, done, quiet):
-    """Drive handle `h` until done() (True) or the server is silent for
-    `quiet` seconds (False).  poll releases the GIL while it waits."""
-    heard = time.monotonic()
-    while not done():
-        left = heard + quiet - time.monotonic()
-        if left <= 0:
-            return False
-        if h.poll(max(1, int(left * 1000))) > 0:
-            heard = time.monotonic()
-    return True
+class _Watchdog:
+    """Shuts down the socket `fd` under a command that runs past its
+    deadline: libnbd then fails the command at once.  One thread, made
+    on first use (after any fork), waiting while no command is armed."""
+
+    def __init__(self, fd):
+        self._fd = fd
+        self._cond = threading.Condition()
+        self._deadline = None
+        self._closed = False
+        self._thread = None
+        self.fired = False
+
+    def arm(self, deadline):
+        with self._cond:
+            self._deadline, self.fired = deadline, False
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, daemon=True, name="nbdplug-watchdog")
+                self._thread.start()
+            self._cond.notify()
+
+    def disarm(self):
+        with self._cond:
+            self._deadline = None
+
+    def close(self):
+        """No command runs (the caller makes sure) and the socket will be
+        closed: end the thread before the descriptor can be reused."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    def _run(self):
+        with self._cond:
+            while not self._closed:
+                left = None if self._deadline is None else \
+                    self._deadline - time.monotonic()
+                if left is None or left > 0:
+                    self._cond.wait(left)
+                    continue
+                self._deadline, self.fired = None, True
+                with contextlib.suppress(OSError):
+                    sock = socket.socket(fileno=os.dup(self._fd))
+                    with sock:
+                        sock.shutdown(socket.SHUT_RDWR)
 
 
 def _run(pos, length, flags):
@@ -478,6 +506,13 @@ def _chunks(count, offset, most):
         n = min(most, end - offset)
         yield offset, n
         offset += n
+
+
+def _error(path, what, offset, e):
+    """libnbd's error `e` as an ImageError with its errno."""
+    err = ImageError(path, "nbd", f"{what} at {offset}: {_reason(e)}")
+    err.errno = getattr(errno, e.errno or "", None) or errno.EIO
+    return err
 
 
 def _reason(e):

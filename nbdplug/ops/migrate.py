@@ -40,7 +40,7 @@ def start(source, local, rate=0, progress=False, wait=True,
     if nbd.is_uri(source):
         name, fmt = source, "raw"
         with nbd.NbdDisk.open(source,
-                              quiet=opener.SOURCE_PATIENCE) as disk:
+                              limit=opener.SOURCE_PATIENCE) as disk:
             size = disk.size
     else:
         name = os.path.realpath(source)
@@ -250,7 +250,7 @@ def _reachable(name):
     if not nbd.is_uri(name):
         return os.path.exists(name)
     try:
-        with nbd.NbdDisk.open(name, quiet=opener.SOURCE_PATIENCE):
+        with nbd.NbdDisk.open(name, limit=opener.SOURCE_PATIENCE):
             return True
     except ImageError:
         return False

@@ -40,6 +40,8 @@ from . import migration, structs as S
 FILL_REQUEST = 4 << 20          # bytes the fill fetches in one request
 FILL_WORKERS = 2                # each with its own connection
 FILL_PATIENCE = 2.0             # seconds a fill request waits, then pauses
+FILL_LIMIT = 30.0               # seconds one may take (a source that went
+                                # silent); FILL_REQUEST at 140 KB/s
 MAX_PAUSE = 5.0                 # longest pause between tries
 STATUS_INTERVAL = 0.5           # seconds between status updates (besides
                                 # one after each fill request)
@@ -239,8 +241,8 @@ class Move:
             # queues behind a fill request, and the workers' fetches
             # overlap each other's stores.
             self.fill_sources = [nbd.Reconnecting(
-                d.backing.path, d.size, FILL_PATIENCE, self.stop)
-                for _ in range(FILL_WORKERS)]
+                d.backing.path, d.size, FILL_PATIENCE, self.stop,
+                FILL_LIMIT) for _ in range(FILL_WORKERS)]
             for source in self.fill_sources:
                 source.on_read = self._fetched
         else:

@@ -116,7 +116,7 @@ def _ram(directory):
     return f"ram:{name}"
 
 
-_sources = []           # servers of the moving row's source (a session)
+_sources = []           # (server, its directory, NBDPLUG_STATE_DIR before)
 
 
 def _moving(directory):
@@ -128,15 +128,17 @@ def _moving(directory):
     The fill's rate is one byte a second, so a writable open copies
     its first batch of clusters and then waits: the rest stays remote.
     The host key that vouches for the source lives beside the source, so
-    every process of the session needs NBDPLUG_STATE_DIR, set here."""
+    every process of the session needs NBDPLUG_STATE_DIR, set here until
+    stop_sources()."""
     from migration import SourceServer
     source_dir = tempfile.mkdtemp(prefix="nbdplug-conformance-src.")
+    before = os.environ.get("NBDPLUG_STATE_DIR")
     os.environ["NBDPLUG_STATE_DIR"] = os.path.join(source_dir, "state")
     image = _qemu_image("qcow2", backing=True, cluster=64 << 10)(
         source_dir)
     source = SourceServer(image, "qcow2")
     source.start()
-    _sources.append((source, source_dir))
+    _sources.append((source, source_dir, before))
     local = os.path.join(directory, "moving.qcow2")
     _run([sys.executable, "-m", "nbdplug.cli", "migrate", "start",
           "--no-wait", "--rate", "1", source.uri, local])
@@ -149,9 +151,13 @@ def _moving(directory):
 
 def stop_sources():
     while _sources:
-        source, source_dir = _sources.pop()
+        source, source_dir, before = _sources.pop()
         source.stop()
         shutil.rmtree(source_dir, ignore_errors=True)
+        if before is None:
+            os.environ.pop("NBDPLUG_STATE_DIR", None)
+        else:
+            os.environ["NBDPLUG_STATE_DIR"] = before
 
 
 ROWS = [

@@ -4,12 +4,13 @@ drops every packet): only requests that need the source wait for it.
 
 The moving disk is served by nbdplug; the source by nbdplug too, over
 nbd+unix:// or over nbds:// (TLS with a pre-shared key).  With the source
-stopped, clients A and C read a cluster that is not local yet: they wait
-(C behind A's fetch), then get EIO at the patience bound.  Meanwhile client B, on its own
-connection, reads, writes, zeroes, trims, flushes and asks block status
-of local clusters (and zeroes a missing one, which needs nothing from
-the source), all while A still waits.  Once the source runs again, A's
-read succeeds and the move completes."""
+stopped, clients A and C read a cluster that is not local yet: they
+wait (C behind A's fetch), then get EIO at the patience bound.
+Meanwhile client B, on its own connection, reads, writes, zeroes, trims,
+flushes and asks block status of local clusters (and zeroes a missing
+one, which needs nothing from the source), all while A and C still
+wait.  Once the source runs again, A's read succeeds and the move
+completes."""
 
 import os
 import signal
@@ -20,7 +21,7 @@ import time
 import nbd
 import pytest
 
-from conftest import NBDPLUG, REPO, nbdplug, qemu_img_info, run, served
+from conftest import nbdplug, qemu_img_info, run, served
 from migration import MiB, SourceServer, source_image
 from nbdplug.ops import migrate
 

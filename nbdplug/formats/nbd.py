@@ -319,9 +319,10 @@ class Reconnecting(Disk):
 
     def _drop(self, disk):
         with self._lock:
-            if self._disk is disk and disk is not None:
-                self._disk = None
-                disk.close()
+            if self._disk is not disk or disk is None:
+                return
+            self._disk = None
+        disk.close()        # outside the lock: it waits for a command
 
     def _retry(self, what, deadline=None):
         if deadline is None and self.patience is not None:

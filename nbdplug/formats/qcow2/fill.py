@@ -317,22 +317,27 @@ class Move:
     def _fill_batch(self, source, c, n):
         d = self.disk
         cb = d.cluster_bits
-        claimed = self._claim(c, n, wait=False)
-        try:
-            for c0, k in claimed:
-                self._copy(source, c0, k)
-        finally:
-            self._release(claimed)
-        # Throttled with nothing claimed: a read of these clusters (now
-        # local) must not wait out the filler's pause.
-        self._throttle(sum(k for _, k in claimed) << cb)
+        copied = False
+        # A run at a time, claimed only while it is fetched and stored:
+        # a reader never waits out the filler's pause for its rate.
+        while not self.stop.is_set() and not d.readonly:
+            claimed = self._claim(c, n, wait=False)
+            self._release(claimed[1:])
+            if not claimed:
+                break
+            try:
+                self._copy(source, *claimed[0])
+            finally:
+                self._release(claimed[:1])
+            copied = True
+            self._throttle(claimed[0][1] << cb)
         with self.fill_lock:
             if self.state == "paused":
                 self.state, self.paused_since = "filling", None
                 self.error, self.pause = None, 0.1
             self.passed += min(c + n << cb, d.size) - (c << cb)
             self.done = max(self.done, self.passed)
-        self._report(force=bool(claimed))      # a local source's counts
+        self._report(force=copied)      # a local source's counts
 
     def _throttle(self, nbytes):
         with self.fill_lock:

@@ -43,7 +43,8 @@ def _latency_us(uri, out):
     subprocess.run(
         ["fio", "--name=lat", "--ioengine=nbd", f"--uri={uri}",
          "--rw=randread", "--bs=4k", "--iodepth=1", "--time_based",
-         f"--runtime={RUNTIME}s", f"--ramp_time={int(RAMP_SECONDS * 1000)}ms",
+         f"--runtime={RUNTIME}s",
+         f"--ramp_time={int(RAMP_SECONDS * 1000)}ms",
          f"--size={LOCAL_SPAN}", "--randrepeat=0", "--output-format=json",
          f"--output={out}"],
         check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -62,7 +63,8 @@ def run(workdir):
     lat = {"during fill": [], "idle": []}
     still_filling = []
     with nbdplug_server(src, "raw", os.path.join(workdir, "src.sock")) \
-            as (uri, _):
+            as source:
+        uri = source.uri
         for _ in range(ROUNDS):
             times["nbdplug"].append(_timed(
                 [sys.executable, "-m", "nbdplug.cli", "migrate", "start",
@@ -74,7 +76,8 @@ def run(workdir):
         full = os.path.join(workdir, "migrate-full.raw")
         make_image(full, "raw", size=GiB)
     with nbdplug_server(full, "raw", os.path.join(workdir, "full.sock")) \
-            as (uri, _):
+            as source:
+        uri = source.uri
         for _ in range(ROUNDS):
             _nbdplug("migrate", "start", "--no-wait", uri, local, env=env)
             sock = os.path.join(workdir, "local.sock")

@@ -185,8 +185,8 @@ def test_store_loses_to_newer_guest_write(source, tmp_path):
         fetched, written = threading.Event(), threading.Event()
         real = src.read
 
-        def slow_read(count, offset):
-            data = real(count, offset)
+        def slow_read(count, offset, **kw):
+            data = real(count, offset, **kw)
             fetched.set()
             assert written.wait(10)
             return data

@@ -10,11 +10,21 @@ takes them as options.  The export is a raw disk to us (the server
 interprets the image format).  libnbd handles are thread-safe, so one
 handle serves every thread; it runs one command at a time.
 
+A server can vanish without closing the connection (stopped, its host
+gone, packets dropped): libnbd's calls would then wait for ever.  A disk
+opened with a `limit` (a moving disk's source) gives each command that
+many seconds: a watchdog shuts the socket down under a command that runs
+longer, so libnbd fails it at once, and the connection is closed without
+a word to the server.  (Not libnbd's asynchronous reads: python3-libnbd
+1.14 keeps a reference to every buffer given to aio_pread.)
+
 A URI is trusted like a command-line path (it may name local key files):
 it comes from the person running us, never from inside an image.
 """
 
+import contextlib
 import errno
+import os
 import socket
 import threading
 import time
@@ -42,10 +52,14 @@ def is_uri(path):
 class NbdDisk(Disk):
     format_name = "raw"
 
-    def __init__(self, uri, handle, readonly):
+    def __init__(self, uri, handle, readonly, limit=None):
         super().__init__(uri, handle.get_size(), readonly)
         nbd = _nbd()
         self._h = handle
+        self.limit = limit
+        self._turn = threading.Lock()   # one limited command at a time
+        self._watchdog = None if limit is None else \
+            _Watchdog(handle.aio_get_fd())
         self.can_trim = handle.can_trim()
         self.can_zero = True            # emulated with writes if need be
         self.can_multi_conn = handle.can_multi_conn()
@@ -61,7 +75,9 @@ class NbdDisk(Disk):
         self._tls = handle.get_tls_negotiated()
 
     @classmethod
-    def open(cls, uri, fmt=None, readonly=True, options=None):
+    def open(cls, uri, fmt=None, readonly=True, options=None, limit=None):
+        """`limit`: seconds the handshake and each command may take
+        (None: for ever)."""
         if fmt not in (None, "raw"):
             raise UsageError(f"{uri}: an NBD export is read as raw (the "
                              f"server opens its image format), not {fmt}")
@@ -81,7 +97,7 @@ class NbdDisk(Disk):
                 h.set_tls_psk_file(options["tls-psk-file"])
             if "tls-username" in options:
                 h.set_tls_username(options["tls-username"])
-            _connect(h, uri, options)
+            _connect(h, uri, options, limit)
         except nbd.Error as e:
             raise ImageError(uri, "nbd", _reason(e)) from None
         except OSError as e:
@@ -90,44 +106,45 @@ class NbdDisk(Disk):
             _disconnect(h)
             raise ReadOnlyDisk(uri, "nbd", "the server offers this export "
                                "read-only")
-        return cls(uri, h, readonly)
+        return cls(uri, h, readonly, limit)
 
     # --- data ---------------------------------------------------------
 
-    def pread(self, buf, offset):
+    def pread(self, buf, offset, limit=None):
+        """`limit`: this call's limit, if shorter than the disk's."""
         view = memoryview(buf).cast("B")
         for pos, n in _chunks(len(view), offset, self.max_block):
             start = pos - offset
-            view[start:start + n] = self._call("read", pos, self._h.pread,
-                                               n, pos)
+            view[start:start + n] = self._call("read", pos, "pread", n, pos,
+                                               limit=limit)
 
-    def read(self, count, offset):
+    def read(self, count, offset, limit=None):
         # One request: libnbd's bytes as they are, without another copy.
         if count > self.max_block:
             return super().read(count, offset)
         check_request(self, count, offset)
-        return memoryview(self._call("read", offset, self._h.pread, count,
-                                     offset))
+        return memoryview(self._call("read", offset, "pread", count,
+                                     offset, limit=limit))
 
     def pwrite(self, buf, offset, fua=False):
         self.check_writable()
         view = memoryview(buf).cast("B")
         for pos, n in _chunks(len(view), offset, self.max_block):
             start = pos - offset
-            self._call("write", pos, self._h.pwrite, view[start:start + n],
+            self._call("write", pos, "pwrite", view[start:start + n],
                        pos, self._fua_flag(fua))
         self._emulate_fua(fua)
 
     def flush(self):
         if self._flush:
-            self._call("flush", 0, self._h.flush)
+            self._call("flush", 0, "flush")
 
     def trim(self, count, offset, fua=False):
         self.check_writable()
         if not self.can_trim:
             return                      # trim is advisory
         for pos, n in _chunks(count, offset, MAX_RANGE):
-            self._call("trim", pos, self._h.trim, n, pos,
+            self._call("trim", pos, "trim", n, pos,
                        self._fua_flag(fua))
         self._emulate_fua(fua)
 
@@ -141,7 +158,7 @@ class NbdDisk(Disk):
         flags = (0 if may_trim else _nbd().CMD_FLAG_NO_HOLE) | \
             self._fua_flag(fua)
         for pos, n in _chunks(count, offset, MAX_RANGE):
-            self._call("zero", pos, self._h.zero, n, pos, flags)
+            self._call("zero", pos, "zero", n, pos, flags)
         self._emulate_fua(fua)
 
     def _fua_flag(self, fua):
@@ -154,7 +171,7 @@ class NbdDisk(Disk):
 
     # --- allocation ---------------------------------------------------
 
-    def map(self, count, offset):
+    def map(self, count, offset, limit=None):
         """Runs from the server's base:allocation block status (all data
         when it has none).  Every byte is present in this one layer."""
         if not self._status:
@@ -170,8 +187,8 @@ class NbdDisk(Disk):
                     replies.append(entries)
                 return 0
 
-            self._call("block status", pos, self._h.block_status,
-                       min(end - pos, MAX_RANGE), pos, extent)
+            self._call("block status", pos, "block_status",
+                       min(end - pos, MAX_RANGE), pos, extent, limit=limit)
             before = pos
             # Only the first reply counts; a server's lengths are clipped
             # to what was asked, and a reply must make progress.
@@ -197,41 +214,80 @@ class NbdDisk(Disk):
                 "tls": self._tls}
 
     def close(self):
-        h, self._h = self._h, None
-        if h is None:
+        if self.limit is not None:
+            # Nothing to flush (read-only), and a server that went
+            # silent would not answer a disconnect.
+            with self._turn:
+                h, self._h = self._h, None
+                self._watchdog.close()
+            if h is not None:
+                _abandon(h)
+            return
+        if self._h is None:
             return
         try:
             if not self.readonly and self._flush:
-                self._call("flush", 0, h.flush)
+                self._call("flush", 0, "flush")
         finally:
+            h, self._h = self._h, None
             _disconnect(h)
 
-    def _call(self, what, offset, method, *args):
+    def _call(self, what, offset, method, *args, limit=None):
+        """The handle's `method` (its name) with `args`, given at most
+        the disk's limit (or `limit`, if shorter) when it has one."""
         nbd = _nbd()
+        if self.limit is None:
+            try:
+                return getattr(self._h, method)(*args)
+            except nbd.Error as e:
+                raise _error(self.path, what, offset, e) from None
+        limit = self.limit if limit is None else min(limit, self.limit)
+        if not self._turn.acquire(timeout=max(limit, 0)):
+            raise self._late(what, offset, limit)
         try:
-            return method(*args)
-        except nbd.Error as e:
-            err = ImageError(self.path, "nbd", f"{what} at {offset}: "
-                             f"{_reason(e)}")
-            err.errno = getattr(errno, e.errno or "", None) or errno.EIO
-            raise err from None
+            if self._h is None:
+                raise ImageError(self.path, "nbd", f"{what} at {offset}: "
+                                 "the connection was given up")
+            self._watchdog.arm(time.monotonic() + limit)
+            try:
+                return getattr(self._h, method)(*args)
+            except nbd.Error as e:
+                if self._watchdog.fired:
+                    raise self._late(what, offset, limit) from None
+                raise _error(self.path, what, offset, e) from None
+            finally:
+                self._watchdog.disarm()
+        finally:
+            self._turn.release()
+
+    def _late(self, what, offset, limit):
+        err = ImageError(self.path, "nbd", f"{what} at {offset}: no "
+                         f"answer from the server in {limit:.1f} s")
+        err.errno = errno.EIO
+        return err
 
 
 class Reconnecting(Disk):
     """An export read through a connection that comes back (a moving
     disk's source): a failed command drops the connection and tries
     again with backoff for up to `patience` seconds (None: until `stop`
-    is set), then fails that request alone with EIO.  It connects on
-    first use, so a disk whose source is away still opens.  `fetched`
-    counts the bytes read; `reachable` says how the last try went."""
+    is set), then fails that request alone with EIO.  Each try (the
+    handshake, a command) may take `limit` seconds, or by default the
+    patience left (at most LIMIT): a server that vanished without closing
+    the connection fails it.  It connects on first use, so a disk whose
+    source is away still opens.
+    `fetched` counts the bytes read; `reachable` says how the last try
+    went."""
 
     format_name = "raw"
     FIRST_DELAY = 0.05
     MAX_DELAY = 2.0
+    LIMIT = 30.0
 
-    def __init__(self, uri, size, patience=None, stop=None):
+    def __init__(self, uri, size, patience=None, stop=None, limit=None):
         super().__init__(uri, size, True)
         self.patience = patience
+        self.limit = limit
         self.stop = stop or threading.Event()
         self.fetched = 0
         self.on_read = None     # called after each read (counts it)
@@ -241,34 +297,46 @@ class Reconnecting(Disk):
         self._disk = None
         self._lock = threading.Lock()
 
-    def _connected(self):
+    def _connected(self, limit):
+        with self._lock:
+            if self._disk is not None:
+                return self._disk
+        # Connected outside the lock: a source that accepts and then says
+        # nothing holds only the threads that need it.
+        disk = NbdDisk.open(self.path, None, True, limit=limit)
+        if disk.size != self.size:
+            disk.close()
+            raise _SizeChanged(self.path, "nbd", f"the export is "
+                               f"{disk.size} bytes, not {self.size}: not "
+                               "this disk's source")
         with self._lock:
             if self._disk is None:
-                disk = NbdDisk.open(self.path, None, True)
-                if disk.size != self.size:
-                    disk.close()
-                    raise _SizeChanged(self.path, "nbd", f"the export is "
-                                       f"{disk.size} bytes, not "
-                                       f"{self.size}: not this disk's "
-                                       "source")
-                self._disk = disk
-            return self._disk
+                self._disk, disk = disk, None
+            current = self._disk
+        if disk is not None:            # another thread connected first
+            disk.close()
+        return current
 
     def _drop(self, disk):
         with self._lock:
-            if self._disk is disk and disk is not None:
-                self._disk = None
-                disk.close()
+            if self._disk is not disk or disk is None:
+                return
+            self._disk = None
+        disk.close()        # outside the lock: it waits for a command
 
-    def _retry(self, what):
-        deadline = None if self.patience is None else \
-            time.monotonic() + self.patience
+    def _retry(self, what, deadline=None):
+        if deadline is None and self.patience is not None:
+            deadline = time.monotonic() + self.patience
         delay = self.FIRST_DELAY
         while True:
             disk = None
+            limit = self.limit
+            if limit is None:
+                limit = self.LIMIT if deadline is None else min(
+                    self.LIMIT, max(deadline - time.monotonic(), 0.001))
             try:
-                disk = self._connected()
-                result = what(disk)
+                disk = self._connected(limit)
+                result = what(disk, limit)
                 self.reachable, self.down_since = True, None
                 return result
             except _SizeChanged:
@@ -292,11 +360,14 @@ class Reconnecting(Disk):
                 delay = min(delay * 2, self.MAX_DELAY)
 
     def pread(self, buf, offset):
-        self._retry(lambda disk: disk.pread(buf, offset))
+        self._retry(lambda disk, limit: disk.pread(buf, offset, limit))
         self._count(len(buf))
 
-    def read(self, count, offset):
-        data = self._retry(lambda disk: disk.read(count, offset))
+    def read(self, count, offset, deadline=None):
+        """`deadline` (time.monotonic()): when to give up, if not at the
+        end of the patience from now."""
+        data = self._retry(lambda disk, limit: disk.read(count, offset,
+                                                         limit), deadline)
         self._count(count)
         return data
 
@@ -307,7 +378,8 @@ class Reconnecting(Disk):
             self.on_read()
 
     def map(self, count, offset):
-        return self._retry(lambda disk: disk.map(count, offset))
+        return self._retry(lambda disk, limit: disk.map(count, offset,
+                                                        limit))
 
     def files(self):
         return []
@@ -324,8 +396,11 @@ class _SizeChanged(ImageError):
     """The export at a source's URI is not the source any more."""
 
 
-def _connect(h, uri, options):
-    """libnbd 1.14 sends an IPv6 literal as the TLS server name, which
+def _connect(h, uri, options, limit=None):
+    """Connect and negotiate, giving up after `limit` seconds (None: wait
+    for ever; else through libnbd's asynchronous calls, which we drive).
+
+    libnbd 1.14 sends an IPv6 literal as the TLS server name, which
     RFC 6066 forbids and GnuTLS servers (nbdkit's) refuse.  A pre-shared
     key has no name to check, so there we connect the socket ourselves
     and libnbd sends none; X.509 keeps libnbd's own way (and its check
@@ -335,15 +410,86 @@ def _connect(h, uri, options):
     psk = query.get("tls-psk-file", [options.get("tls-psk-file")])[-1]
     if parts.scheme != "nbds" or ":" not in (parts.hostname or "") or \
             psk is None:
-        return h.connect_uri(uri)
+        if limit is None:
+            return h.connect_uri(uri)
+        h.aio_connect_uri(uri)
+        return _handshake(h, uri, limit)
     nbd = _nbd()
     h.set_tls(nbd.TLS_REQUIRE)
     h.set_tls_psk_file(psk)
     if parts.username:
         h.set_tls_username(urllib.parse.unquote(parts.username))
     h.set_export_name(urllib.parse.unquote(parts.path[1:]))
-    sock = socket.create_connection((parts.hostname, parts.port or 10809))
-    h.connect_socket(sock.detach())
+    sock = socket.create_connection((parts.hostname, parts.port or 10809),
+                                    timeout=limit)
+    sock.settimeout(None)
+    if limit is None:
+        return h.connect_socket(sock.detach())
+    h.aio_connect_socket(sock.detach())
+    return _handshake(h, uri, limit)
+
+
+def _handshake(h, uri, limit):
+    """Drive the handshake begun by an aio_connect call, for up to
+    `limit` seconds (poll releases the GIL while it waits)."""
+    deadline = time.monotonic() + limit
+    while h.aio_is_connecting():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            _abandon(h)
+            raise ImageError(uri, "nbd", "no answer from the server in "
+                             f"{limit:.1f} s while connecting")
+        h.poll(max(1, int(left * 1000)))
+    if not h.aio_is_ready():
+        raise ImageError(uri, "nbd", "the handshake failed")
+
+
+class _Watchdog:
+    """Shuts down the socket `fd` under a command that runs past its
+    deadline: libnbd then fails the command at once.  One thread, made
+    on first use (after any fork), waiting while no command is armed."""
+
+    def __init__(self, fd):
+        self._fd = fd
+        self._cond = threading.Condition()
+        self._deadline = None
+        self._closed = False
+        self._thread = None
+        self.fired = False
+
+    def arm(self, deadline):
+        with self._cond:
+            self._deadline, self.fired = deadline, False
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, daemon=True, name="nbdplug-watchdog")
+                self._thread.start()
+            self._cond.notify()
+
+    def disarm(self):
+        with self._cond:
+            self._deadline = None
+
+    def close(self):
+        """No command runs (the caller makes sure) and the socket will be
+        closed: end the thread before the descriptor can be reused."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    def _run(self):
+        with self._cond:
+            while not self._closed:
+                left = None if self._deadline is None else \
+                    self._deadline - time.monotonic()
+                if left is None or left > 0:
+                    self._cond.wait(left)
+                    continue
+                self._deadline, self.fired = None, True
+                with contextlib.suppress(OSError):
+                    sock = socket.socket(fileno=os.dup(self._fd))
+                    with sock:
+                        sock.shutdown(socket.SHUT_RDWR)
 
 
 def _run(pos, length, flags):
@@ -363,11 +509,25 @@ def _chunks(count, offset, most):
         offset += n
 
 
+def _error(path, what, offset, e):
+    """libnbd's error `e` as an ImageError with its errno."""
+    err = ImageError(path, "nbd", f"{what} at {offset}: {_reason(e)}")
+    err.errno = getattr(errno, e.errno or "", None) or errno.EIO
+    return err
+
+
 def _reason(e):
     """libnbd's message without its function-name prefix."""
     text = e.string or str(e)
     head, sep, rest = text.partition(": ")
     return rest if sep and head.startswith("nbd_") else text
+
+
+def _abandon(h):
+    """Close a handle at once (nbd_close), telling the server nothing:
+    it may be silent, and nbd_shutdown would wait for its answer."""
+    h.__del__()
+    del h._o
 
 
 def _disconnect(h):

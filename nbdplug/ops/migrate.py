@@ -20,7 +20,7 @@ import signal
 import sys
 import time
 
-from nbdplug import options as _options
+from nbdplug import opener, options as _options
 from nbdplug.errors import ImageError, UsageError
 from nbdplug.formats import FORMATS, nbd
 from nbdplug.formats.qcow2 import fill, migration
@@ -39,7 +39,8 @@ def start(source, local, rate=0, progress=False, wait=True,
         raise UsageError(f"{local}: already exists")
     if nbd.is_uri(source):
         name, fmt = source, "raw"
-        with nbd.NbdDisk.open(source) as disk:
+        with nbd.NbdDisk.open(source,
+                              limit=opener.SOURCE_PATIENCE) as disk:
             size = disk.size
     else:
         name = os.path.realpath(source)
@@ -249,7 +250,7 @@ def _reachable(name):
     if not nbd.is_uri(name):
         return os.path.exists(name)
     try:
-        with nbd.NbdDisk.open(name):
+        with nbd.NbdDisk.open(name, limit=opener.SOURCE_PATIENCE):
             return True
     except ImageError:
         return False

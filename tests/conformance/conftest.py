@@ -6,7 +6,8 @@ import subprocess
 
 import pytest
 
-from conformance.formats import REFERENCE, ROWS, copy_image, remove_ram
+from conformance.formats import (REFERENCE, ROWS, copy_image, remove_ram,
+                                 stop_sources)
 
 
 class Built:
@@ -40,6 +41,7 @@ def built(tmp_path_factory):
     yield get
     for b in made.values():
         remove_ram(b.image)
+    stop_sources()
 
 
 @pytest.fixture(params=ROWS, ids=str)

@@ -11,13 +11,19 @@ qemu has no such format):
     [4M, 6M)        the backing file's data only (a hole without one)
     [6M, 6M + 64k)  compressed data, where the format compresses
 
+The qcow2-moving row is the qcow2 row's disk as a move in progress
+(`nbdplug migrate`) sees it: the same bytes, still held by the source.
+
 A row also says what its format can do, so a test that needs a write
 asserts the clear refusal where there is none.  Adding a format is
 adding a row.
 """
 
 import os
+import shutil
 import subprocess
+import sys
+import tempfile
 import typing
 
 MiB = 1 << 20
@@ -110,6 +116,50 @@ def _ram(directory):
     return f"ram:{name}"
 
 
+_sources = []           # (server, its directory, NBDPLUG_STATE_DIR before)
+
+
+def _moving(directory):
+    """A qcow2 image in the middle of a move (`nbdplug migrate start`):
+    its first MiB copied on read, every other cluster still remote, read
+    from an NBD export of the qcow2 row's guest disk (nbdkit and our
+    plugin on a Unix socket, for the session), copied on read and stored
+    by whoever opens it writable.
+    The fill's rate is one byte a second, so a writable open copies
+    its first batch of clusters and then waits: the rest stays remote.
+    The host key that vouches for the source lives beside the source, so
+    every process of the session needs NBDPLUG_STATE_DIR, set here until
+    stop_sources()."""
+    from migration import SourceServer
+    source_dir = tempfile.mkdtemp(prefix="nbdplug-conformance-src.")
+    before = os.environ.get("NBDPLUG_STATE_DIR")
+    os.environ["NBDPLUG_STATE_DIR"] = os.path.join(source_dir, "state")
+    image = _qemu_image("qcow2", backing=True, cluster=64 << 10)(
+        source_dir)
+    source = SourceServer(image, "qcow2")
+    source.start()
+    _sources.append((source, source_dir, before))
+    local = os.path.join(directory, "moving.qcow2")
+    _run([sys.executable, "-m", "nbdplug.cli", "migrate", "start",
+          "--no-wait", "--rate", "1", source.uri, local])
+    from nbdplug import open_image
+    with open_image(local, "qcow2", readonly=False,
+                    options={"fill": False}) as disk:
+        disk.read(MiB, 0)                   # copied on read: local now
+    return local
+
+
+def stop_sources():
+    while _sources:
+        source, source_dir, before = _sources.pop()
+        source.stop()
+        shutil.rmtree(source_dir, ignore_errors=True)
+        if before is None:
+            os.environ.pop("NBDPLUG_STATE_DIR", None)
+        else:
+            os.environ["NBDPLUG_STATE_DIR"] = before
+
+
 ROWS = [
     Row("raw", "raw", _qemu_image("raw"), True, checks=False),
     Row("qcow2", "qcow2", _qemu_image("qcow2", backing=True,
@@ -127,6 +177,9 @@ ROWS = [
     Row("vhdx", "vhdx", _qemu_image("vhdx"), True, writable=False,
         checks=False, qemu_checks=True),
     Row("ram", "ram", _ram, False, checks=False),
+    Row("qcow2-moving", "qcow2", _moving, True, qemu_checks=True,
+        create_options="cluster_size=64k,extended_l2=off,"
+                       "lazy_refcounts=off,compat=1.1"),
 ]
 
 WRITABLE = [r for r in ROWS if r.writable]

@@ -152,4 +152,4 @@ def test_qcow2_cluster_size_takes_suffixes(tmp_path, size):
 
 def test_every_format_has_a_row():
     from nbdplug.formats import FORMATS
-    assert sorted(FORMATS) == sorted(r.fmt for r in ROWS)
+    assert sorted(FORMATS) == sorted({r.fmt for r in ROWS})

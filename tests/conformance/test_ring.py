@@ -62,7 +62,8 @@ def test_ring_reads_equal_the_reference(fixture, tmp_path):
         assert read_all(shm, fe, size) == reference[:size]
     finally:
         fe.close()
-        assert be.stop()[0] == 0
+        rc, err = be.stop()
+        assert rc == 0, err
 
 
 @pytest.mark.parametrize("row", WRITABLE, ids=str)

@@ -47,6 +47,7 @@ status=0
 { timeout "$timeout" qemu-system-x86_64 -accel tcg -cpu qemu64 -smp 2 \
       -m 2048 -nographic -no-reboot -pidfile "$B/qemu.pid" \
       -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
+      -virtfs local,path="$TREE",mount_tag=tree,security_model=none,readonly=on,multidevs=remap \
       -kernel "$B/xen.elf" -append "$xen_args" \
       -initrd "/boot/vmlinuz-$kver $dom0_args,$B/dom0.cpio.gz" \
       </dev/null 2>&1

@@ -39,6 +39,13 @@ mount -t xenfs xenfs /proc/xen
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144,cache=loose hostroot /host ||
     { echo "XENLANE-FATAL no 9p share of the host"; end; }
 for d in proc sys dev dev/pts run tmp; do mount --bind "/$d" "/host/$d"; done
+# A work tree under /tmp or /run (a CI checkout) is hidden by those
+# binds: its own share goes back where it was.
+if [ ! -d "/host$TREE/tests/xen" ]; then
+    mkdir -p "/host$TREE" &&
+        mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144,cache=loose tree "/host$TREE" ||
+        { echo "XENLANE-FATAL no 9p share of the work tree"; end; }
+fi
 
 xenstored --pid-file /run/xenstored.pid
 for i in $(seq 100); do

@@ -16,6 +16,10 @@ import threading
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
+SYNC_FILE_RANGE_WAIT_BEFORE = 0x1
+SYNC_FILE_RANGE_WRITE = 0x2
+SYNC_FILE_RANGE_WAIT_AFTER = 0x4
+STREAM_LAG = 4
 
 # O_DIRECT needs buffers, offsets and lengths aligned to the logical block
 # size; 4096 covers 512e and 4Kn devices and every filesystem here.
@@ -25,6 +29,8 @@ DIRECT_ALIGN = 4096
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64,
                             ctypes.c_int64]
+_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64,
+                                  ctypes.c_int64, ctypes.c_uint]
 
 
 # The largest offset qemu's block layer addresses (BDRV_MAX_LENGTH):
@@ -66,6 +72,7 @@ class HostFile:
             os.close(self.fd)
             raise
         self._rmw_lock = threading.Lock()
+        self._streamed = []         # ranges pwritev_streaming() wrote last
 
     # --- reads --------------------------------------------------------
 
@@ -128,6 +135,30 @@ class HostFile:
     def pwritev(self, bufs, offset):
         self._vectored(bufs, offset, self.pwrite, os.pwritev,
                        self._finish_write)
+
+    def pwritev_streaming(self, bufs, offset):
+        """pwritev for a bulk copy that nobody reads soon (the fill of a
+        moving disk).  Its writeback starts at once, so that a flush
+        finds little left to write, and what was written STREAM_LAG calls
+        before leaves the page cache once written back: a copy through a
+        few cached pages reused over and over costs far less system time
+        than one that fills the cache with fresh pages.  Durability still
+        takes a flush."""
+        self.pwritev(bufs, offset)
+        if self.direct:
+            return
+        length = sum(len(b) for b in bufs)
+        _libc.sync_file_range(self.fd, offset, length, SYNC_FILE_RANGE_WRITE)
+        with self._rmw_lock:
+            self._streamed.append((offset, length))
+            done = self._streamed[:-STREAM_LAG]
+            del self._streamed[:-STREAM_LAG]
+        for offset, length in done:
+            _libc.sync_file_range(self.fd, offset, length,
+                                  SYNC_FILE_RANGE_WAIT_BEFORE |
+                                  SYNC_FILE_RANGE_WRITE |
+                                  SYNC_FILE_RANGE_WAIT_AFTER)
+            os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_DONTNEED)
 
     def flush(self):
         os.fdatasync(self.fd)

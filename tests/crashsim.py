@@ -73,6 +73,9 @@ class RecordingFile(HostFile):
         self.rec.log.append(("write", self.name, offset, data))
         super().pwrite(data, offset)
 
+    def pwritev_streaming(self, bufs, offset):
+        self.pwritev(bufs, offset)
+
     def write_zeroes(self, offset, length):
         super().write_zeroes(offset, length)     # logged as writes
 

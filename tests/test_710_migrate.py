@@ -183,15 +183,15 @@ def test_store_loses_to_newer_guest_write(source, tmp_path):
     with disk:
         src = disk.backing
         fetched, written = threading.Event(), threading.Event()
-        real = src.read
+        real = src.pread
 
-        def slow_read(count, offset, **kw):
-            data = real(count, offset, **kw)
-            fetched.set()
-            assert written.wait(10)
-            return data
+        def slow_pread(buf, offset, **kw):
+            real(buf, offset, **kw)
+            if not fetched.is_set():    # the copy-on-read (the guest's
+                fetched.set()           # write reads the rest after it)
+                assert written.wait(10)
 
-        src.read = slow_read
+        src.pread = slow_pread
         guest = b"\xee" * 1024
         model[cluster + 2048:cluster + 3072] = guest
 
@@ -210,7 +210,7 @@ def test_store_loses_to_newer_guest_write(source, tmp_path):
         stale = bytearray(source.model[cluster + 65536:cluster + 131072])
         disk.pwrite(b"\xdd" * 512, cluster + 65536 + 512)
         model[cluster + 65536 + 512:cluster + 65536 + 1024] = b"\xdd" * 512
-        disk.move.store((cluster + 65536) >> 16, stale)
+        disk.move.store([((cluster + 65536) >> 16, stale)])
         disk.flush()
     source.stop()
     with open_image(local) as disk:

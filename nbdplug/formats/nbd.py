@@ -23,7 +23,9 @@ it comes from the person running us, never from inside an image.
 """
 
 import contextlib
+import ctypes
 import errno
+import functools
 import os
 import socket
 import threading
@@ -87,9 +89,11 @@ class NbdDisk(Disk):
             raise UsageError(f"{uri}: unknown options " + ", ".join(
                 sorted(unknown)) + " (known: " + ", ".join(OPTIONS) + ")")
         nbd = _nbd()
-        h = nbd.NBD()
+        h = _handle_class()()
         try:
             h.set_uri_allow_local_file(True)    # tls-psk-file=, socket=
+            # A failed read raises: no need to clear each buffer first.
+            h.set_pread_initialize(False)
             h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
             if "tls-certificates" in options:
                 h.set_tls_certificates(options["tls-certificates"])
@@ -115,8 +119,8 @@ class NbdDisk(Disk):
         view = memoryview(buf).cast("B")
         for pos, n in _chunks(len(view), offset, self.max_block):
             start = pos - offset
-            view[start:start + n] = self._call("read", pos, "pread", n, pos,
-                                               limit=limit)
+            self._call("read", pos, "pread_into", view[start:start + n], pos,
+                       limit=limit)
 
     def read(self, count, offset, limit=None):
         # One request: libnbd's bytes as they are, without another copy.
@@ -359,13 +363,14 @@ class Reconnecting(Disk):
                 self.stop.wait(delay if left is None else min(delay, left))
                 delay = min(delay * 2, self.MAX_DELAY)
 
-    def pread(self, buf, offset):
-        self._retry(lambda disk, limit: disk.pread(buf, offset, limit))
+    def pread(self, buf, offset, deadline=None):
+        """`deadline` (time.monotonic()): when to give up, if not at the
+        end of the patience from now."""
+        self._retry(lambda disk, limit: disk.pread(buf, offset, limit),
+                    deadline)
         self._count(len(buf))
 
     def read(self, count, offset, deadline=None):
-        """`deadline` (time.monotonic()): when to give up, if not at the
-        end of the patience from now."""
         data = self._retry(lambda disk, limit: disk.read(count, offset,
                                                          limit), deadline)
         self._count(count)
@@ -453,6 +458,8 @@ class _Watchdog:
         self._fd = fd
         self._cond = threading.Condition()
         self._deadline = None
+        self._wakes = None          # when the thread looks again (None: when
+                                    # told)
         self._closed = False
         self._thread = None
         self.fired = False
@@ -464,7 +471,10 @@ class _Watchdog:
                 self._thread = threading.Thread(
                     target=self._run, daemon=True, name="nbdplug-watchdog")
                 self._thread.start()
-            self._cond.notify()
+            # Woken only if it would look too late: commands that end in
+            # time cost the thread nothing.
+            if self._wakes is None or deadline < self._wakes:
+                self._cond.notify()
 
     def disarm(self):
         with self._cond:
@@ -480,6 +490,7 @@ class _Watchdog:
     def _run(self):
         with self._cond:
             while not self._closed:
+                self._wakes = self._deadline
                 left = None if self._deadline is None else \
                     self._deadline - time.monotonic()
                 if left is None or left > 0:
@@ -541,3 +552,37 @@ def _nbd():
     """libnbd's module, imported on first use: only remote images need it."""
     import nbd
     return nbd
+
+
+@functools.cache
+def _handle_class():
+    """libnbd's handle, which also reads into a buffer of the caller's:
+    python3-libnbd 1.14's pread returns new bytes, and copying them into
+    place holds the GIL for as long as the copy takes, which a fill with
+    several connections felt.  The C library's nbd_pread (through ctypes,
+    which lets the GIL go) reads into the buffer itself."""
+    nbd = _nbd()
+    try:
+        lib = ctypes.CDLL("libnbd.so.0", use_errno=True)
+        lib.nbd_pread.argtypes = [ctypes.c_void_p, ctypes.c_void_p,
+                                  ctypes.c_size_t, ctypes.c_uint64,
+                                  ctypes.c_uint32]
+        lib.nbd_get_error.restype = ctypes.c_char_p
+        capsule = ctypes.pythonapi.PyCapsule_GetPointer
+        capsule.restype = ctypes.c_void_p
+        capsule.argtypes = [ctypes.py_object, ctypes.c_char_p]
+    except (OSError, AttributeError):
+        lib = None
+
+    class Handle(nbd.NBD):
+        def pread_into(self, view, offset):
+            if lib is None:
+                view[:] = self.pread(len(view), offset)
+                return
+            target = (ctypes.c_char * len(view)).from_buffer(view)
+            if lib.nbd_pread(capsule(self._o, b"nbd_handle"), target,
+                             len(view), offset, 0) == -1:
+                raise nbd.Error(lib.nbd_get_error().decode(
+                    errors="replace"), lib.nbd_get_errno())
+
+    return Handle

@@ -374,9 +374,10 @@ class Qcow2Disk(Disk):
                     return None
         return host + a
 
-    def _write_inplace(self, pieces):
+    def _write_inplace(self, pieces, streaming=False):
         """Write guest data (host offset, bytes) pieces, contiguous ones
-        in one call, after checking that none lands on metadata."""
+        in one call, after checking that none lands on metadata;
+        `streaming`: a bulk copy's (HostFile.pwritev_streaming)."""
         for host, piece in pieces:
             self.overlaps.check(host, len(piece))
         i = 0
@@ -389,12 +390,24 @@ class Qcow2Disk(Disk):
                 group.append(pieces[i][1])
                 end += len(pieces[i][1])
                 i += 1
-            self.file.pwritev(group, host)
+            if streaming:
+                self.file.pwritev_streaming(group, host)
+            else:
+                self.file.pwritev(group, host)
 
     def _allocating_write(self, items):
         """Write pieces of clusters that need a (new or reused) host
         cluster: allocate under the lock (new clusters as one contiguous
         run), write data, flush, then point the L2 entries at it."""
+        placed = self._place(items)
+        self.file.flush()
+        self._point(placed)
+
+    def _place(self, items, streaming=False):
+        """The first half of an allocating write: host clusters for
+        `items` and their data written (`streaming`: a bulk copy's),
+        not yet flushed.  Returns what _point() takes once a flush has
+        made the data durable."""
         cb, cs, g = self.cluster_bits, self.cluster_size, self.granule
         plans = []
         with self.lock:
@@ -455,8 +468,11 @@ class Qcow2Disk(Disk):
                 segments.append((host + start * g,
                                  memoryview(buf)[start * g:stop * g]))
         segments.sort(key=lambda seg: seg[0])
-        self._write_inplace(segments)
-        self.file.flush()
+        self._write_inplace(segments, streaming)
+        return plans
+
+    def _point(self, plans):
+        """Point the L2 entries at clusters _place() wrote (flushed)."""
         with self.lock:
             self.map_.set_entries([(p[0], p[3] | S.QCOW_OFLAG_COPIED, p[4])
                                    for p in plans])

@@ -30,6 +30,7 @@ Rules that keep it correct, whoever drives the disk:
 import errno
 import json
 import os
+import queue
 import threading
 import time
 
@@ -37,8 +38,12 @@ from nbdplug.errors import ImageError
 from nbdplug.formats import nbd
 from . import migration, structs as S
 
-FILL_REQUEST = 4 << 20          # bytes the fill fetches in one request
-FILL_WORKERS = 2                # each with its own connection
+FILL_REQUEST = 4 << 20          # bytes a fetcher reads in one go
+FILL_WORKERS = 4                # fetchers, each with its own connection
+FILL_WRITERS = 2                # threads storing what they fetch
+FILL_COMMIT = 32 << 20          # bytes the fill writes between flushes,
+FILL_COMMIT_AGE = 0.05          # or seconds (a reader of a cluster written
+                                # and not yet committed waits for it)
 FILL_PATIENCE = 2.0             # seconds a fill request waits, then pauses
 FILL_LIMIT = 30.0               # seconds one may take (a source that went
                                 # silent); FILL_REQUEST at 140 KB/s
@@ -76,15 +81,20 @@ class Move:
         self.pid = None
         self.fill_sources = []
         self.fill_lock = threading.Lock()
+        self.staged = []        # fetched, written, not yet committed
+        self.staged_bytes = 0
+        self.staged_since = 0.0
         self.report_lock = threading.Lock()
         self.plan = None        # [(first, last)] clusters the source holds
+        self.batch = max(1, FILL_REQUEST >> disk.cluster_bits)  # clusters
         self.total = self.done = 0
         self.state = "filling" if self.active else "cancelled"
         self.paused_since = None
         self.error = None
         self.finished = threading.Event()
         self.last_status = 0.0
-        self.rate_mark = (time.monotonic(), 0)
+        self.rate_mark = (time.monotonic(), 0)     # for the speed
+        self.due = 0.0          # when the bytes fetched so far are due
         self.speed = 0.0
         old = read_status(disk.path) or {}
         self.source = disk.backing         # kept for its counts
@@ -120,8 +130,7 @@ class Move:
         claimed = self._claim(first, last - first + 1, wait=True,
                               deadline=deadline)
         try:
-            for c0, n in claimed:
-                self._copy(self.source, c0, n, deadline)
+            self._copy(self.source, claimed, deadline)
         except ImageError:
             # A move that completed meanwhile closed the source: what is
             # still missing then is what the source holds as zeros.
@@ -159,63 +168,117 @@ class Move:
                     raise err
 
     def _release(self, claimed):
+        events = set()
         with self.disk.lock:
             for c0, n in claimed:
                 for c in range(c0, c0 + n):
-                    self.fetching.pop(c).set()
+                    events.add(self.fetching.pop(c))
+        for event in events:
+            event.set()
 
-    def _copy(self, source, c0, n, deadline=None):
-        """Fetch clusters [c0, c0 + n) from `source` (a remote one giving
-        up at `deadline`, or at the end of its patience) and store them."""
+    def _copy(self, source, runs, deadline=None):
+        """Fetch the clusters of `runs` [(c0, n)] from `source` (a remote
+        one giving up at `deadline`, or at the end of its patience) and
+        store them, with one flush."""
+        self.store(self._fetch(source, runs, deadline))
+
+    def _fetch(self, source, runs, deadline=None, into=None):
+        """[(c0, view)] of whole clusters for `runs`, read from `source`
+        into `into` (a fill worker's buffer) or new memory."""
         d = self.disk
         cs = d.cluster_size
-        length = min(n * cs, d.size - c0 * cs)
-        if deadline is None:
-            buf = source.read(length, c0 * cs)
-        else:
-            buf = source.read(length, c0 * cs, deadline=deadline)
-        if length < n * cs:                 # the disk ends inside it
-            buf = bytes(buf) + bytes(n * cs - length)
-        self.store(c0, buf)
+        if into is None:
+            into = memoryview(bytearray(sum(n for _, n in runs) * cs))
+        pieces = []
+        pos = 0
+        for c0, n in runs:
+            view = into[pos:pos + n * cs]
+            pos += n * cs
+            length = min(n * cs, d.size - c0 * cs)
+            if deadline is None:
+                source.pread(view[:length], c0 * cs)
+            else:
+                source.pread(view[:length], c0 * cs, deadline=deadline)
+            view[length:] = bytes(n * cs - length)  # the disk ends in it
+            pieces.append((c0, view))
+        return pieces
 
-    def store(self, c0, buf):
-        """Store whole clusters from c0 on, each only if still missing
-        (a guest write since the fetch is newer: it wins)."""
+    def store(self, pieces):
+        """Store whole clusters, [(first cluster, their bytes)], each only
+        if still missing (a guest write since the fetch is newer: it
+        wins)."""
+        staged = self._stage(pieces)
+        if staged is not None:
+            self._commit([staged])
+
+    def _stage(self, pieces, claims=(), streaming=False):
+        """The first half of store(): the clusters still missing get host
+        clusters and their data is written, not yet flushed; they stay
+        busy (a guest write waits) until _commit() points at them.
+        Takes the fetch `claims` (a reader waits until then too).
+        Returns what _commit() takes, or None if nothing was left to
+        write.  `streaming`: the fill's data (HostFile.pwritev_streaming)."""
         d = self.disk
         cs = d.cluster_size
-        n = len(buf) // cs
-        view = memoryview(buf)
         zero = bytes(cs)
-        with d.lock:
-            if d.readonly:
-                return
-            d._prepare()
-            while any(c in d.busy for c in range(c0, c0 + n)):
-                d.cond.wait()
-            items = []
-            for i in range(n):
-                c = c0 + i
-                if d.map_.entry(c) != (0, 0):
-                    continue
-                piece = view[i * cs:(i + 1) * cs]
-                # (Its first bytes settle most clusters without a full
-                # compare, which would hold the GIL.)
-                if piece[:16] == zero[:16] and piece == zero:
-                    d._ensure_l2(c)
-                    d.map_.set_entry(c, S.QCOW_OFLAG_ZERO)
-                else:
-                    items.append((c, 0, piece))
-            claimed = [c for c, _, _ in items]
-            d.busy.update(claimed)
-            token = d._io_start()
+        staged = _Staged(list(claims))
         try:
-            if items:
-                d._allocating_write(items)
-        finally:
+            clusters = [(c0 + i, memoryview(buf)[i * cs:(i + 1) * cs])
+                        for c0, buf in pieces for i in range(len(buf) // cs)]
             with d.lock:
-                del d.inflight[token]
-                d.busy.difference_update(claimed)
-                d.cond.notify_all()
+                if d.readonly:
+                    clusters = []
+                else:
+                    d._prepare()
+                while any(c in d.busy for c, _ in clusters):
+                    d.cond.wait()
+                items = []
+                for c, piece in clusters:
+                    if d.map_.entry(c) != (0, 0):
+                        continue
+                    # (Its first bytes settle most clusters without a
+                    # full compare, which would hold the GIL.)
+                    if piece[:16] == zero[:16] and piece == zero:
+                        d._ensure_l2(c)
+                        d.map_.set_entry(c, S.QCOW_OFLAG_ZERO)
+                    else:
+                        items.append((c, 0, piece))
+                if items:
+                    staged.busy = [c for c, _, _ in items]
+                    d.busy.update(staged.busy)
+                    staged.token = d._io_start()
+            if not items:
+                self._release(staged.claims)
+                return None
+            staged.placed = d._place(items, streaming)
+        except BaseException:
+            self._unstage([staged])
+            raise
+        return staged
+
+    def _commit(self, staged):
+        """Flush, then point the L2 entries at what was staged: one flush
+        for all of it.  Clusters whose commit failed stay missing (their
+        host clusters leak; a reader fetches them again)."""
+        d = self.disk
+        try:
+            if not d.readonly:
+                d.file.flush()
+                for s in staged:
+                    d._point(s.placed)
+        finally:
+            self._unstage(staged)
+
+    def _unstage(self, staged):
+        d = self.disk
+        with d.lock:
+            for s in staged:
+                if s.token is not None:
+                    del d.inflight[s.token]
+                    s.token = None
+                d.busy.difference_update(s.busy)
+            d.cond.notify_all()
+        self._release([run for s in staged for run in s.claims])
 
     # --- the fill -----------------------------------------------------------
 
@@ -243,8 +306,6 @@ class Move:
             self.fill_sources = [nbd.Reconnecting(
                 d.backing.path, d.size, FILL_PATIENCE, self.stop,
                 FILL_LIMIT) for _ in range(FILL_WORKERS)]
-            for source in self.fill_sources:
-                source.on_read = self._fetched
         else:
             self.fill_sources = [d.backing] * FILL_WORKERS
         self.pause = 0.1
@@ -277,79 +338,158 @@ class Move:
         self._report(force=True)
 
     def _batches(self):
-        """(first cluster, count) of each fill request, in map order."""
-        batch = max(1, FILL_REQUEST >> self.disk.cluster_bits)
+        """The plan's clusters in map order, as fill requests: [(first
+        cluster, count)] runs of FILL_REQUEST bytes at most, together."""
+        most = self.batch
+        batch, size = [], 0
         for first, last in self.plan:
-            for c in range(first, last + 1, batch):
-                yield c, min(batch, last + 1 - c)
+            c = first
+            while c <= last:
+                n = min(most - size, last + 1 - c)
+                batch.append((c, n))
+                size += n
+                c += n
+                if size == most:
+                    yield batch
+                    batch, size = [], 0
+        if batch:
+            yield batch
 
     def _fill(self):
-        """One pass over the plan, fetching what is missing, with one
-        worker a fill source (this thread is the first)."""
+        """One pass over the plan.  Fetchers, each with a connection of
+        its own, read the missing clusters of a batch at a time into
+        buffers of a pool; this thread stages what they read and commits
+        every FILL_COMMIT bytes (at once under a rate limit, so that no
+        reader waits out the filler's pause).  Fetching never waits for
+        the disk, nor storing for the source."""
+        d = self.disk
+        cb = d.cluster_bits
         batches = self._batches()
         errors = []
         self.passed = 0
+        free, ready = queue.Queue(), queue.Queue()
+        for _ in range(2 * len(self.fill_sources)):
+            free.put(memoryview(bytearray(self.batch << cb)))
+        fetching = [len(self.fill_sources)]
 
-        def worker(source):
+        def fetcher(source):
             if self.background:
                 _lower_priority()
             try:
                 while not self.stop.is_set() and not errors:
                     with self.fill_lock:
-                        item = next(batches, None)
-                    if item is None:
+                        batch = next(batches, None)
+                    if batch is None:
                         return
-                    self._fill_batch(source, *item)
+                    planned = sum(n for _, n in batch) << cb
+                    self._throttle(planned)
+                    buf = free.get()
+                    claimed = []
+                    try:
+                        for c, n in batch:
+                            claimed += self._claim(c, n, wait=False)
+                        pieces = self._fetch(source, claimed, into=buf)
+                    except BaseException:
+                        self._release(claimed)
+                        free.put(buf)
+                        raise
+                    ready.put((batch, claimed, pieces, buf))
+                    # What was local already costs nothing.
+                    self._throttle((sum(n for _, n in claimed) << cb) -
+                                   planned)
             except BaseException as e:
                 errors.append(e)
+            finally:
+                with self.fill_lock:
+                    fetching[0] -= 1
+                    if not fetching[0]:         # the last one: writers,
+                        for _ in range(FILL_WRITERS):   # stop
+                            ready.put(None)
 
-        threads = [threading.Thread(target=worker, args=(source,),
+        def writer():
+            if self.background:
+                _lower_priority()
+            while True:
+                try:
+                    item = ready.get(timeout=FILL_COMMIT_AGE)
+                except queue.Empty:     # a slow source: nothing waits
+                    self._commit_staged()
+                    continue
+                if item is None:
+                    return
+                batch, claimed, pieces, buf = item
+                try:
+                    if errors or self.stop.is_set():
+                        self._release(claimed)
+                    else:
+                        self._store_batch(batch, claimed, pieces)
+                except BaseException as e:
+                    errors.append(e)
+                finally:
+                    free.put(buf)
+
+        threads = [threading.Thread(target=fetcher, args=(source,),
                                     name="nbdplug-fill")
-                   for source in self.fill_sources[1:]]
+                   for source in self.fill_sources]
+        threads += [threading.Thread(target=writer, name="nbdplug-fill")
+                    for _ in range(FILL_WRITERS - 1)]
         for t in threads:
             t.start()
-        worker(self.fill_sources[0])
+        writer()
         for t in threads:
             t.join()
+        self._commit_staged()
         if errors:
             raise errors[0]
 
-    def _fill_batch(self, source, c, n):
+    def _store_batch(self, batch, claimed, pieces):
+        """Stage what a fetcher read of `batch` (taking its claims), and
+        commit if enough is staged."""
         d = self.disk
         cb = d.cluster_bits
-        copied = False
-        # A run at a time, claimed only while it is fetched and stored:
-        # a reader never waits out the filler's pause for its rate.
-        while not self.stop.is_set() and not d.readonly:
-            claimed = self._claim(c, n, wait=False)
-            self._release(claimed[1:])
-            if not claimed:
-                break
-            try:
-                self._copy(source, *claimed[0])
-            finally:
-                self._release(claimed[:1])
-            copied = True
-            self._throttle(claimed[0][1] << cb)
+        staged = self._stage(pieces, claimed, streaming=True)
         with self.fill_lock:
+            if staged is not None:
+                if not self.staged:
+                    self.staged_since = time.monotonic()
+                self.staged.append(staged)
+                self.staged_bytes += len(staged.busy) << cb
             if self.state == "paused":
                 self.state, self.paused_since = "filling", None
                 self.error, self.pause = None, 0.1
-            self.passed += min(c + n << cb, d.size) - (c << cb)
+            self.passed += sum(min(c + n << cb, d.size) - (c << cb)
+                               for c, n in batch)
             self.done = max(self.done, self.passed)
-        self._report(force=copied)      # a local source's counts
+            due = self.staged and (
+                self.staged_bytes >= FILL_COMMIT or self.record.rate or
+                time.monotonic() - self.staged_since >= FILL_COMMIT_AGE)
+        if due:
+            self._commit_staged()
+        self._report()
+
+    def _commit_staged(self):
+        with self.fill_lock:
+            staged, self.staged, self.staged_bytes = self.staged, [], 0
+        if staged:
+            self._commit(staged)
 
     def _throttle(self, nbytes):
+        """Count `nbytes` against the rate (negative: a refund of bytes
+        counted too many) and wait until they are due: called before a
+        fetch, so that nothing is claimed while it waits."""
         with self.fill_lock:
+            now = time.monotonic()
             start, sent = self.rate_mark
             sent += nbytes
-            now = time.monotonic()
             if now - start >= 1.0:
                 self.speed = sent / (now - start)
                 start, sent = now, 0
             self.rate_mark = (start, sent)
             rate = self.record.rate
-            ahead = sent / rate - (now - start) if rate else 0
+            ahead = 0
+            if rate:
+                self.due = max(self.due, now) + nbytes / rate
+                ahead = self.due - now
         if ahead > 0:
             self.stop.wait(ahead)
 
@@ -447,6 +587,16 @@ class Move:
             if self.state == "filling":
                 self.state = "stopped"
             self._report(force=True)
+
+
+class _Staged:
+    """Clusters a store wrote and has not yet pointed at: the fetch
+    claims it holds, the guest clusters it keeps busy, its I/O token and
+    what Qcow2Disk._place() returned."""
+
+    def __init__(self, claims):
+        self.claims = claims
+        self.busy, self.token, self.placed = [], None, None
 
 
 def _lower_priority():

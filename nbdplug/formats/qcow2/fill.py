@@ -18,10 +18,14 @@ Rules that keep it correct, whoever drives the disk:
   missing: what was fetched before a newer guest write is dropped.
 * A guest write to part of a missing cluster is the driver's ordinary
   allocating write, which reads the rest of the cluster from the source.
-* Stores are the driver's allocating writes (data, flush, then the L2
-  entry), so a crash never leaves a cluster allocated with partial data,
-  and a resumed fill fetches only what is still missing.  A fetched
-  cluster of zeros becomes a zero cluster, with no data.
+* Stores are the driver's allocating writes in two halves: host
+  clusters and data (staged), then, after a flush, the L2 entries
+  (committed).  So a crash never leaves a cluster allocated with partial
+  data (at worst a leak), and a resumed fill fetches only what is still
+  missing.  A staged cluster stays claimed and busy until committed.
+  The fill commits many stores with one flush; a read's own store
+  commits at once.  A fetched cluster of zeros becomes a zero cluster,
+  with no data.
 * Ranges the source maps as holes or zeros are never fetched by the fill.
 * Each cluster is fetched by one thread at a time (`fetching`); another
   that needs it waits for that fetch.
@@ -101,8 +105,8 @@ class Move:
         self.source_name = disk.backing_name
         self.fetched_before = old.get("fetched", 0) \
             if old.get("source") == self.source_name else 0
-        # Every fetch is counted in the status at once, so a kill -9
-        # loses no count.
+        # A read's fetch is counted in the status at once, so a kill -9
+        # loses no count of it; the fill's are, every STATUS_INTERVAL.
         if isinstance(self.source, nbd.Reconnecting):
             self.source.on_read = self._fetched
 

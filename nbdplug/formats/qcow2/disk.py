@@ -378,8 +378,7 @@ class Qcow2Disk(Disk):
         """Write guest data (host offset, bytes) pieces, contiguous ones
         in one call, after checking that none lands on metadata;
         `streaming`: a bulk copy's (HostFile.pwritev_streaming)."""
-        for host, piece in pieces:
-            self.overlaps.check(host, len(piece))
+        groups = []
         i = 0
         while i < len(pieces):
             host, piece = pieces[i]
@@ -390,6 +389,9 @@ class Qcow2Disk(Disk):
                 group.append(pieces[i][1])
                 end += len(pieces[i][1])
                 i += 1
+            self.overlaps.check(host, end - host)
+            groups.append((host, group))
+        for host, group in groups:
             if streaming:
                 self.file.pwritev_streaming(group, host)
             else:
@@ -411,8 +413,9 @@ class Qcow2Disk(Disk):
         cb, cs, g = self.cluster_bits, self.cluster_size, self.granule
         plans = []
         with self.lock:
-            for c, _, _ in items:
-                self._ensure_l2(c)
+            bits = self.map_.l2_bits
+            for c in {c >> bits: c for c, _, _ in items}.values():
+                self._ensure_l2(c)          # once per table
             entries = [self.map_.entry(c) for c, _, _ in items]
             reuse = [bool(e & S.L2E_OFFSET_MASK and
                           not e & S.QCOW_OFLAG_COMPRESSED and
@@ -426,7 +429,7 @@ class Qcow2Disk(Disk):
                     host, drop = entry & S.L2E_OFFSET_MASK, []
                 else:
                     host = next(new_clusters) << cb
-                    drop = self._owned_clusters(entry)
+                    drop = self._owned_clusters(entry) if entry else []
                 b = a + len(piece)
                 if self.extended:
                     touched = sum(1 << sc for sc in range(a // g,
@@ -477,7 +480,8 @@ class Qcow2Disk(Disk):
             self.map_.set_entries([(p[0], p[3] | S.QCOW_OFLAG_COPIED, p[4])
                                    for p in plans])
             for p in plans:
-                self._drop(p[7])
+                if p[7]:
+                    self._drop(p[7])
 
     def _compressed_write(self, items):
         """Write whole clusters compressed (convert -c): each compressed

@@ -276,6 +276,7 @@ class Refcounts:
                 out.append(c)
                 self.end = c + 1
             c += 1
+        self.free_hint = max(self.free_hint, c)    # all taken below c
         start = 0
         while start < len(out):                     # one write per run
             stop = start + 1

@@ -45,8 +45,7 @@ from nbdplug.formats import nbd
 from . import migration, structs as S
 
 FILL_REQUEST = 4 << 20          # bytes a fetcher reads in one go
-FILL_WORKERS = 4                # fetchers, each with its own connection
-FILL_WRITERS = 2                # threads storing what they fetch
+FILL_WORKERS = 2                # fetchers, each with its own connection
 FILL_COMMIT = 32 << 20          # bytes the fill writes between flushes,
 FILL_COMMIT_AGE = 0.05          # or seconds (a reader of a cluster written
                                 # and not yet committed waits for it)
@@ -373,10 +372,11 @@ class Move:
     def _fill(self):
         """One pass over the plan.  Fetchers, each with a connection of
         its own, read the missing clusters of a batch at a time into
-        buffers of a pool; this thread stages what they read and commits
-        every FILL_COMMIT bytes (at once under a rate limit, so that no
-        reader waits out the filler's pause).  Fetching never waits for
-        the disk, nor storing for the source."""
+        buffers of a pool; this thread stores what they read, and
+        commits every FILL_COMMIT bytes, or FILL_COMMIT_AGE seconds, or
+        at once under a rate limit (so that no reader waits out the
+        filler's pause).  Fetching never waits for the disk, nor storing
+        for the source."""
         d = self.disk
         cb = d.cluster_bits
         batches = self._batches()
@@ -385,7 +385,6 @@ class Move:
         free, ready = queue.Queue(), queue.Queue()
         for _ in range(2 * len(self.fill_sources)):
             free.put(memoryview(bytearray(self.batch << cb)))
-        fetching = [len(self.fill_sources)]
 
         def fetcher(source):
             try:
@@ -413,40 +412,33 @@ class Move:
             except BaseException as e:
                 errors.append(e)
             finally:
-                with self.fill_lock:
-                    fetching[0] -= 1
-                    if not fetching[0]:         # the last one: writers,
-                        for _ in range(FILL_WRITERS):   # stop
-                            ready.put(None)
-
-        def writer():
-            while True:
-                try:
-                    item = ready.get(timeout=FILL_COMMIT_AGE)
-                except queue.Empty:     # a slow source: nothing waits
-                    self._commit_staged()
-                    continue
-                if item is None:
-                    return
-                batch, claimed, pieces, buf = item
-                try:
-                    if errors or self.stop.is_set():
-                        self._release(claimed)
-                    else:
-                        self._store_batch(batch, claimed, pieces)
-                except BaseException as e:
-                    errors.append(e)
-                finally:
-                    free.put(buf)
+                ready.put(None)
 
         threads = [threading.Thread(target=fetcher, args=(source,),
                                     name="nbdplug-fill")
                    for source in self.fill_sources]
-        threads += [threading.Thread(target=writer, name="nbdplug-fill")
-                    for _ in range(FILL_WRITERS - 1)]
         for t in threads:
             t.start()
-        writer()
+        running = len(threads)
+        while running:
+            try:
+                item = ready.get(timeout=FILL_COMMIT_AGE)
+            except queue.Empty:         # a slow source: nothing waits
+                self._commit_staged()
+                continue
+            if item is None:
+                running -= 1
+                continue
+            batch, claimed, pieces, buf = item
+            try:
+                if errors or self.stop.is_set():
+                    self._release(claimed)
+                else:
+                    self._store_batch(batch, claimed, pieces)
+            except BaseException as e:
+                errors.append(e)
+            finally:
+                free.put(buf)
         for t in threads:
             t.join()
         self._commit_staged()

@@ -6,6 +6,7 @@ O_DIRECT needs handling in one place.  Nothing here moves a file offset:
 all I/O is positional and safe from many threads.
 """
 
+import contextlib
 import ctypes
 import errno
 import mmap
@@ -153,12 +154,14 @@ class HostFile:
             self._streamed.append((offset, length))
             done = self._streamed[:-STREAM_LAG]
             del self._streamed[:-STREAM_LAG]
-        for offset, length in done:
+        for offset, length in done:         # (both advisory)
             _libc.sync_file_range(self.fd, offset, length,
                                   SYNC_FILE_RANGE_WAIT_BEFORE |
                                   SYNC_FILE_RANGE_WRITE |
                                   SYNC_FILE_RANGE_WAIT_AFTER)
-            os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_DONTNEED)
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(self.fd, offset, length,
+                                 os.POSIX_FADV_DONTNEED)
 
     def flush(self):
         os.fdatasync(self.fd)

@@ -1,12 +1,14 @@
 """The raw driver called directly: bytes, holes, trim, zero, O_DIRECT."""
 
 import os
+import subprocess
 
 import pytest
 
 from nbdplug import (EXTENT_HOLE, EXTENT_ZERO, ImageError, ReadOnlyDisk,
                      RequestError, open_image)
 from nbdplug.disk import check_request
+from nbdplug.hostfile import STREAM_LAG, HostFile
 
 from conftest import pattern, sparse_raw
 
@@ -146,3 +148,31 @@ def test_writable_open_never_probes_raw(sparse):
         open_image(sparse, None, readonly=False)
     with open_image(sparse, None, readonly=True) as disk:
         assert disk.format_name == "raw"
+
+
+def test_streaming_writes_land_and_leave_the_page_cache(tmp_path):
+    """HostFile.pwritev_streaming, a bulk copy's writes: the bytes land as
+    pwritev's would, and all but the last STREAM_LAG ranges leave the page
+    cache once written back (fincore, where the file system drops them)."""
+    path = str(tmp_path / "copy.raw")
+    file = HostFile(path, readonly=False, create=True)
+    chunks = [pattern(MiB, i) for i in range(12)]
+    try:
+        for i, chunk in enumerate(chunks):
+            file.pwritev_streaming([chunk[:4096], chunk[4096:]], 2 * i * MiB)
+        file.flush()
+    finally:
+        file.close()
+    fstype = subprocess.run(["stat", "-f", "-c", "%T", path], check=True,
+                            capture_output=True, text=True).stdout.strip()
+    if fstype != "tmpfs":
+        cached = int(subprocess.run(
+            ["fincore", "--bytes", "--noheadings", "--output", "RES", path],
+            check=True, capture_output=True, text=True).stdout)
+        assert cached <= STREAM_LAG * MiB
+    with open(path, "rb") as f:
+        data = f.read()
+    assert len(data) == 23 * MiB
+    for i, chunk in enumerate(chunks):
+        assert data[2 * i * MiB:(2 * i + 1) * MiB] == chunk
+        assert not any(data[(2 * i + 1) * MiB:(2 * i + 2) * MiB])

@@ -174,6 +174,45 @@ def test_copy_on_read_stores_whole_clusters(source, tmp_path):
             source.model[3 * MiB:3 * MiB + 65536]
 
 
+def test_staged_fill_store_holds_readers_and_writers_until_committed(
+        source, tmp_path):
+    """The fill writes a batch's clusters, and points at them only after
+    the flush of a later commit: meanwhile a reader of one waits (it does
+    not fetch it again) and so does a guest write to part of it; after
+    the commit both see the right bytes."""
+    disk, local = moving(source, tmp_path)
+    model = bytearray(source.model)
+    first = next(c for c in range(len(model) >> 16) if all(
+        any(model[x << 16:(x + 1) << 16]) for x in range(c, c + 4)))
+    with disk:
+        move = disk.move
+        claimed = move._claim(first, 4, wait=False)
+        assert claimed == [(first, 4)]
+        staged = move._stage(move._fetch(move.source, claimed), claimed,
+                             streaming=True)
+        assert disk.map(65536, first << 16)[0].depth == 1   # not yet
+        got = []
+        reader = threading.Thread(target=lambda: got.append(
+            bytes(disk.read(4096, (first + 1) << 16))))
+        writer = threading.Thread(target=lambda: disk.pwrite(
+            b"\xab" * 512, ((first + 2) << 16) + 512))
+        model[((first + 2) << 16) + 512:((first + 2) << 16) + 1024] = \
+            b"\xab" * 512
+        reader.start()
+        writer.start()
+        reader.join(0.3)
+        writer.join(0.3)
+        assert reader.is_alive() and writer.is_alive()
+        move._commit([staged])
+        reader.join(10)
+        writer.join(10)
+        assert got == [model[(first + 1) << 16:((first + 1) << 16) + 4096]]
+        assert move.source.fetched == 4 * 65536         # once
+        assert bytes(disk.read(4 * 65536, first << 16)) == \
+            model[first << 16:(first + 4) << 16]
+    qemu_img_check_clean(local)
+
+
 def test_store_loses_to_newer_guest_write(source, tmp_path):
     """Copy-on-read fetches a cluster; a guest write to part of it lands
     before the store: the guest's bytes stay, the rest is the source's."""

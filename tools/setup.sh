@@ -11,7 +11,8 @@ PACKAGES="
 nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd nbd-client
 qemu-utils fuse3 python3-venv python3-parted python3-pyudev
 python3-zstandard python3-tqdm python3-matplotlib python3-pyxs
-dmsetup kmod udev e2fsprogs dosfstools util-linux parted iproute2 systemd
+dmsetup kmod udev e2fsprogs dosfstools util-linux util-linux-extra parted
+iproute2 systemd
 gnutls-bin fio gcc libc6-dev libxen-dev
 xenstore-utils libatomic1
 python3-libvmdk python3-libvhdi python3-libqcow

@@ -55,7 +55,7 @@ FILL_LIMIT = 30.0               # seconds one may take (a source that went
                                 # silent); FILL_REQUEST at 140 KB/s
 MAX_PAUSE = 5.0                 # longest pause between tries
 STATUS_INTERVAL = 0.5           # seconds between status updates (besides
-                                # one after each fill request)
+                                # one after each copy-on-read)
 
 
 def status_path(image):

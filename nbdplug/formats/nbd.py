@@ -33,7 +33,7 @@ import time
 import urllib.parse
 
 from nbdplug.disk import (DATA, EXTENT_HOLE, EXTENT_ZERO, ZERO, Disk, MiB,
-                          Run, check_request)
+                          Run)
 from nbdplug.errors import CorruptImage, ImageError, ReadOnlyDisk, UsageError
 
 SCHEMES = ("nbd://", "nbds://", "nbd+unix://", "nbds+unix://")
@@ -121,14 +121,6 @@ class NbdDisk(Disk):
             start = pos - offset
             self._call("read", pos, "pread_into", view[start:start + n], pos,
                        limit=limit)
-
-    def read(self, count, offset, limit=None):
-        # One request: libnbd's bytes as they are, without another copy.
-        if count > self.max_block:
-            return super().read(count, offset)
-        check_request(self, count, offset)
-        return memoryview(self._call("read", offset, "pread", count,
-                                     offset, limit=limit))
 
     def pwrite(self, buf, offset, fua=False):
         self.check_writable()
@@ -369,12 +361,6 @@ class Reconnecting(Disk):
         self._retry(lambda disk, limit: disk.pread(buf, offset, limit),
                     deadline)
         self._count(len(buf))
-
-    def read(self, count, offset, deadline=None):
-        data = self._retry(lambda disk, limit: disk.read(count, offset,
-                                                         limit), deadline)
-        self._count(count)
-        return data
 
     def _count(self, n):
         with self._lock:
